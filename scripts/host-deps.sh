@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the controller needs for tests and bench/: carbon-c-relay
+# (its -t mode is the placement oracle), and the daemons whose config tests and
+# baselines run on the controller. Installs only what is missing.
+set -euo pipefail
+want="carbon-c-relay debootstrap rsync"
+missing=""
+for pkg in $want; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing Debian packages:$missing; install them with: sudo apt-get install$missing" >&2
+  exit 1
+fi
+echo "host packages: installing$missing"
+apt-get update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null

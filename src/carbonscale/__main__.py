@@ -1,0 +1,3 @@
+from carbonscale.cli import main
+
+raise SystemExit(main())

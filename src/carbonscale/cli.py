@@ -1,0 +1,49 @@
+"""The `carbonscale` console script: a CLI of small verbs over one library.
+
+Each module in `carbonscale.commands` adds one verb group (`ring`, `whisper`,
+`gen`, `relay`, ...) through `register(subparsers)`; the parser it builds sets
+`func`, which returns the exit code. Adding a verb group is adding a module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from carbonscale import CarbonscaleError, __version__, commands
+
+# Exit codes: 0 ok, 1 the operation ran and found a problem (a miss, a skipped
+# file), 2 bad input or usage (argparse uses 2 as well), 130 interrupted.
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="carbonscale",
+        description="Operate Graphite clusters: ring placement, whisper fill, relays.",
+    )
+    parser.add_argument("--version", action="version", version=f"carbonscale {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CarbonscaleError as exc:
+        print(f"carbonscale: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("carbonscale: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `carbonscale ring locate ... | head` closed the pipe: not an error.
+        sys.stderr.close()
+        return 0

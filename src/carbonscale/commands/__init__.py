@@ -1,0 +1,1 @@
+"""Verb groups of the `carbonscale` CLI; each module defines `register(subparsers)`."""
