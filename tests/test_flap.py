@@ -153,9 +153,7 @@ def _bump(path, name, rounds):
 
 def test_store_serializes_concurrent_checkers(tmp_path):
     path = str(tmp_path / "flap.json")
-    workers = [
-        multiprocessing.Process(target=_bump, args=(path, "shared", 50)) for _ in range(4)
-    ]
+    workers = [multiprocessing.Process(target=_bump, args=(path, "shared", 50)) for _ in range(4)]
     for worker in workers:
         worker.start()
     for worker in workers:

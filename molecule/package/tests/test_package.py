@@ -7,7 +7,8 @@ def test_cli_runs_from_the_venv(host):
 
 
 def test_cli_is_on_path(host):
-    assert host.file("/usr/local/bin/carbonscale").linked_to == "/opt/carbonscale/venv/bin/carbonscale"
+    link = host.file("/usr/local/bin/carbonscale")
+    assert link.linked_to == "/opt/carbonscale/venv/bin/carbonscale"
 
 
 def test_library_imports_in_the_venv(host):
