@@ -9,10 +9,15 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Every scenario under molecule/ (the shared base in molecule/_shared is not one).
 SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
-.PHONY: venv host-deps docker base-image lint unit molecule test lab lab-destroy bench clean
+.PHONY: preflight venv host-deps docker base-image lint unit molecule test lab lab-destroy bench clean
+
+# Before anything is installed: is Docker possible, is there disk space.
+preflight:
+	scripts/lab.sh preflight
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml scripts/venv.sh
+# host-deps first: a fresh machine may lack python3-venv.
+$(VENV)/.installed: pyproject.toml scripts/venv.sh | host-deps
 	scripts/venv.sh
 
 host-deps:
@@ -21,7 +26,7 @@ host-deps:
 docker:
 	scripts/docker-engine.sh
 
-base-image: docker
+base-image: docker host-deps
 	scripts/base-image.sh
 
 lint: venv
@@ -30,7 +35,8 @@ lint: venv
 	yamllint -s .
 	ansible-lint --profile production
 
-unit: venv host-deps
+# tests/test_lab.py makes docker networks and containers from the base image.
+unit: venv host-deps base-image
 	pytest
 
 molecule: venv base-image
@@ -41,9 +47,9 @@ molecule: venv base-image
 	  echo "=== $$scenario passed in $$(( $$(date +%s) - start )) s"; \
 	done
 
-test: lint unit molecule
+test: preflight lint unit molecule
 
-lab: venv host-deps base-image
+lab: preflight venv host-deps base-image
 	scripts/lab.sh up
 
 lab-destroy:
