@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the controller needs for tests and bench/: carbon-c-relay
 # (its -t mode is the placement oracle), and the daemons whose config tests and
-# baselines run on the controller. Installs only what is missing.
+# baselines run on the controller; python3-venv for .venv, iproute2 for the
+# lab's route check. Installs only what is missing.
 set -euo pipefail
-want="carbon-c-relay debootstrap rsync"
+want="carbon-c-relay debootstrap rsync python3-venv iproute2"
 missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
