@@ -5,9 +5,10 @@
 #   scripts/lab.sh preflight  can this machine run the lab? (Docker, disk space)
 #   scripts/lab.sh up         preflight, start the containers, site.yml, report (make lab)
 #   scripts/lab.sh status     the topology, where to send metrics
+#   scripts/lab.sh check      only the inventory and conflict checks of `up`
 #   scripts/lab.sh destroy    remove the lab's containers and network (make lab-destroy)
 #
-# `make lab` runs preflight first, then creates .venv, installs host packages
+# `make lab` runs preflight first, then installs host packages, creates .venv
 # and builds the base image, then `up`. The work past preflight is in
 # scripts/lab.py (it needs the venv). Environment:
 #   CARBONSCALE_LAB_INVENTORY   inventory of the lab (default inventories/lab)
@@ -81,7 +82,7 @@ case "${1:-}" in
     exec "$(venv_python)" scripts/lab.py "$1"
     ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac
