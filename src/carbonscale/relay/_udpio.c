@@ -1,0 +1,154 @@
+/* Batched UDP I/O for the statsd relay and its benchmark: recvmmsg(2) and
+ * sendmmsg(2), one system call for up to hundreds of datagrams.
+ *
+ * The hashing and the routing stay in Python (carbonscale.ring,
+ * carbonscale.relay.statsd); this module only moves bytes. Its pure Python
+ * twin is carbonscale.relay.udpio, used when the extension was not built.
+ *
+ *   recv_many(fd, max_msgs) -> (count, data)
+ *       Read up to max_msgs datagrams without blocking. data is every
+ *       datagram followed by b"\n", so data.split(b"\n") yields the metric
+ *       lines of all of them. (0, b"") when nothing is queued.
+ *   send_many(fd, datagrams) -> int
+ *       Send a sequence of bytes on a connected socket; returns how many
+ *       were sent before the socket would block.
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+/* The largest UDP payload over IPv4 is 65507 bytes: a slot this big never
+ * truncates a datagram, so nothing is lost silently. Pages of a slot are only
+ * touched as far as a datagram fills them. */
+#define SLOT_SIZE 65536
+#define MAX_BATCH 1024
+
+static char *slots;
+static struct mmsghdr *recv_hdrs;
+static struct iovec *recv_iovs;
+static int slots_allocated;
+
+static int ensure_slots(int count) {
+    if (count <= slots_allocated) return 0;
+    free(slots);
+    free(recv_hdrs);
+    free(recv_iovs);
+    slots = malloc((size_t)count * SLOT_SIZE);
+    recv_hdrs = calloc((size_t)count, sizeof(struct mmsghdr));
+    recv_iovs = calloc((size_t)count, sizeof(struct iovec));
+    if (!slots || !recv_hdrs || !recv_iovs) {
+        free(slots);
+        free(recv_hdrs);
+        free(recv_iovs);
+        slots = NULL;
+        recv_hdrs = NULL;
+        recv_iovs = NULL;
+        slots_allocated = 0;
+        PyErr_NoMemory();
+        return -1;
+    }
+    slots_allocated = count;
+    return 0;
+}
+
+static PyObject *recv_many(PyObject *self, PyObject *args) {
+    int fd, max_msgs;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &max_msgs)) return NULL;
+    if (max_msgs < 1 || max_msgs > MAX_BATCH) {
+        PyErr_Format(PyExc_ValueError, "max_msgs must be in 1..%d", MAX_BATCH);
+        return NULL;
+    }
+    if (ensure_slots(max_msgs) < 0) return NULL;
+    for (int i = 0; i < max_msgs; i++) {
+        recv_iovs[i].iov_base = slots + (size_t)i * SLOT_SIZE;
+        recv_iovs[i].iov_len = SLOT_SIZE;
+        memset(&recv_hdrs[i].msg_hdr, 0, sizeof(struct msghdr));
+        recv_hdrs[i].msg_hdr.msg_iov = &recv_iovs[i];
+        recv_hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int got;
+    do {
+        got = recvmmsg(fd, recv_hdrs, (unsigned int)max_msgs, MSG_DONTWAIT, NULL);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return Py_BuildValue("iy#", 0, "", (Py_ssize_t)0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    size_t total = 0;
+    for (int i = 0; i < got; i++) total += recv_hdrs[i].msg_len + 1;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!data) return NULL;
+    char *out = PyBytes_AS_STRING(data);
+    for (int i = 0; i < got; i++) {
+        memcpy(out, slots + (size_t)i * SLOT_SIZE, recv_hdrs[i].msg_len);
+        out += recv_hdrs[i].msg_len;
+        *out++ = '\n';
+    }
+    PyObject *result = Py_BuildValue("iN", got, data);
+    return result;
+}
+
+static PyObject *send_many(PyObject *self, PyObject *args) {
+    int fd;
+    PyObject *seq_arg;
+    if (!PyArg_ParseTuple(args, "iO", &fd, &seq_arg)) return NULL;
+    PyObject *seq = PySequence_Fast(seq_arg, "datagrams must be a sequence of bytes");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    struct mmsghdr hdrs[MAX_BATCH];
+    struct iovec iovs[MAX_BATCH];
+    Py_ssize_t sent = 0;
+    while (sent < n) {
+        int batch = (int)((n - sent) > MAX_BATCH ? MAX_BATCH : (n - sent));
+        for (int i = 0; i < batch; i++) {
+            PyObject *item = items[sent + i];
+            if (!PyBytes_Check(item)) {
+                Py_DECREF(seq);
+                PyErr_SetString(PyExc_TypeError, "every datagram must be bytes");
+                return NULL;
+            }
+            iovs[i].iov_base = PyBytes_AS_STRING(item);
+            iovs[i].iov_len = (size_t)PyBytes_GET_SIZE(item);
+            memset(&hdrs[i], 0, sizeof(hdrs[i]));
+            hdrs[i].msg_hdr.msg_iov = &iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int done;
+        do {
+            done = sendmmsg(fd, hdrs, (unsigned int)batch, 0);
+        } while (done < 0 && errno == EINTR);
+        if (done < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || sent > 0) break;
+            Py_DECREF(seq);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        sent += done;
+        if (done < batch) break;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(sent);
+}
+
+static PyMethodDef methods[] = {
+    {"recv_many", recv_many, METH_VARARGS,
+     "recv_many(fd, max_msgs) -> (count, data): up to max_msgs datagrams, each followed by "
+     "a newline, without blocking; (0, b'') when none is queued."},
+    {"send_many", send_many, METH_VARARGS,
+     "send_many(fd, datagrams) -> int: send bytes objects on a connected socket with "
+     "sendmmsg; returns how many were sent before it would block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "carbonscale.relay._udpio",
+    "recvmmsg/sendmmsg batching for the statsd relay (see udpio.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__udpio(void) { return PyModule_Create(&module); }
