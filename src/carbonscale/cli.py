@@ -19,21 +19,26 @@ from carbonscale import CarbonscaleError, __version__, commands
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that verb group is imported (fast start-up:
+    `carbonscale ring locate` must not pay for numpy-free verbs' imports, nor
+    they for its)."""
     parser = argparse.ArgumentParser(
         prog="carbonscale",
         description="Operate Graphite clusters: ring placement, whisper fill, relays.",
     )
     parser.add_argument("--version", action="version", version=f"carbonscale {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+    names = sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
+    for name in [only] if only in names else names:
+        module = importlib.import_module(f"{commands.__name__}.{name}")
         module.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

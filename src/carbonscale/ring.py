@@ -196,46 +196,46 @@ def xorshift64(key: int) -> int:
     return (key * XORSHIFT_MULTIPLIER) & MASK64
 
 
-def _padded(names: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Names as a length-descending padded byte matrix: (matrix, lengths, order)."""
-    lengths = np.fromiter((len(n) for n in names), dtype=np.int64, count=len(names))
-    order = np.argsort(-lengths, kind="stable")
-    width = int(lengths.max()) if len(names) else 0
-    matrix = np.zeros((len(names), max(width, 1)), dtype=np.uint8)
-    if len(names):
-        flat = np.frombuffer(b"".join(names[i] for i in order), dtype=np.uint8)
-        sorted_lengths = lengths[order]
-        rows = np.repeat(np.arange(len(names)), sorted_lengths)
-        starts = np.repeat(np.cumsum(sorted_lengths) - sorted_lengths, sorted_lengths)
-        cols = np.arange(flat.size) - starts
-        matrix[rows, cols] = flat
-        lengths = sorted_lengths
-    return matrix, lengths, order
-
-
 def _fnv1a_batch(names: Sequence[bytes], bits: int, signed_char: bool) -> np.ndarray:
+    """FNV-1a of many names at once, column by column within groups of equal length.
+
+    Equal lengths need no padding: each group is gathered from one joined
+    buffer as a (length, count) matrix whose rows are byte columns, so each
+    step is one contiguous numpy operation over the whole group.
+    """
     dtype = np.uint32 if bits == 32 else np.uint64
     offset, prime = (FNV32_OFFSET, FNV32_PRIME) if bits == 32 else (FNV64_OFFSET, FNV64_PRIME)
-    matrix, lengths, order = _padded(names)
-    h = np.full(len(names), offset, dtype=dtype)
+    count = len(names)
+    result = np.full(count, offset, dtype=dtype)
+    if not count:
+        return result
+    lengths = np.fromiter(map(len, names), dtype=np.int64, count=count)
+    flat = np.frombuffer(b"".join(names), dtype=np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    bounds = np.flatnonzero(np.diff(sorted_lengths)) + 1
+    group_starts = np.concatenate(([0], bounds)).tolist()
+    group_ends = np.concatenate((bounds, [count])).tolist()
+    wide = np.int32 if bits == 32 else np.int64
     prime_arr = dtype(prime)
-    # Rows are sorted by length, longest first: column j concerns a prefix.
-    active = len(names)
-    for col in range(matrix.shape[1]):
-        while active and lengths[active - 1] <= col:
-            active -= 1
-        if not active:
-            break
-        column = matrix[:active, col]
-        if signed_char:
-            signed = np.int32 if bits == 32 else np.int64
-            operand = column.view(np.int8).astype(signed).view(dtype)
-        else:
-            operand = column.astype(dtype)
-        with np.errstate(over="ignore"):
-            h[:active] = (h[:active] ^ operand) * prime_arr
-    result = np.empty_like(h)
-    result[order] = h
+    with np.errstate(over="ignore"):
+        for first, last in zip(group_starts, group_ends, strict=True):
+            width = int(sorted_lengths[first])
+            if width == 0:
+                continue
+            rows = order[first:last]
+            columns = flat[np.arange(width)[:, None] + starts[rows]]
+            if signed_char:
+                # carbon-c-relay reads a signed char, sign-extended to the hash width.
+                columns = columns.view(np.int8).astype(wide).view(dtype)
+            else:
+                columns = columns.astype(dtype)
+            h = np.full(len(rows), offset, dtype=dtype)
+            for column in columns:
+                h ^= column
+                h *= prime_arr
+            result[rows] = h
     return result
 
 
@@ -248,23 +248,34 @@ def fnv1a_64_batch(names: Sequence[bytes], signed_char: bool = False) -> np.ndar
 
 
 def jump_hash_batch(keys: np.ndarray, buckets: int) -> np.ndarray:
-    """jump_hash over an array of uint64 keys (same doubles, same truncation)."""
+    """jump_hash over an array of uint64 keys (same doubles, same truncation).
+
+    b and j stay doubles (they are small integers, exactly representable):
+    floor() of the positive product is the C cast. Keys whose jump left the
+    range are done and dropped from the working arrays.
+    """
     if buckets <= 0:
         raise ValueError("jump_hash needs at least one bucket")
+    result = np.empty(keys.shape, dtype=np.int64)
+    idx = np.arange(keys.size)
     key = keys.astype(np.uint64, copy=True)
-    b = np.full(key.shape, -1, dtype=np.int64)
-    j = np.zeros(key.shape, dtype=np.int64)
-    idx = np.arange(key.size)
-    mult, one = np.uint64(JUMP_MULTIPLIER), np.uint64(1)
+    j = np.zeros(keys.shape, dtype=np.float64)
+    b = j
+    mult, one, shift = np.uint64(JUMP_MULTIPLIER), np.uint64(1), np.uint64(33)
     with np.errstate(over="ignore"):
         while idx.size:
-            b[idx] = j[idx]
-            k = key[idx] * mult + one
-            key[idx] = k
-            den = ((k >> np.uint64(33)) + one).astype(np.float64)
-            j[idx] = ((b[idx] + 1).astype(np.float64) * (2147483648.0 / den)).astype(np.int64)
-            idx = idx[j[idx] < buckets]
-    return b
+            b = j
+            key *= mult
+            key += one
+            den = (key >> shift).astype(np.float64)
+            den += 1.0
+            j = np.floor((b + 1.0) * (2147483648.0 / den))
+            done = j >= buckets
+            if done.any():
+                result[idx[done]] = b[done]
+                keep = ~done
+                idx, key, b, j = idx[keep], key[keep], b[keep], j[keep]
+    return result
 
 
 def xorshift64_batch(keys: np.ndarray) -> np.ndarray:
@@ -277,8 +288,14 @@ def xorshift64_batch(keys: np.ndarray) -> np.ndarray:
     return k
 
 
+try:  # CPython's own MD5 beats OpenSSL's per-call overhead on short names
+    from _md5 import md5 as _fast_md5
+except ImportError:  # pragma: no cover - builds without the builtin module
+    _fast_md5 = hashlib.md5
+
+
 def md5_positions(names: Iterable[bytes]) -> np.ndarray:
-    md5 = hashlib.md5
+    md5 = _fast_md5
     digests = b"".join([md5(n).digest() for n in names])
     pairs = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)[:, :2].astype(np.int64)
     return (pairs[:, 0] << 8) | pairs[:, 1]
@@ -583,18 +600,32 @@ class Ring:
         return self._owner_rows[self._start_of_position[self.positions(names)]]
 
     def _jump_batch(self, names: Sequence[bytes]) -> np.ndarray:
+        """carbon-c-relay's jump replicas: after each pick, the picked bucket takes
+        the last bucket's member and the next jump runs over one bucket less.
+
+        The per-name bucket lists are kept virtually: the base order plus the
+        (slot, member) overrides the picks made, so no (names x members) matrix.
+        """
         keys = fnv1a_64_batch(names, signed_char=True)
         count = len(self.members)
-        buckets = np.tile(self.bucket_order, (len(names), 1))
+        order = self.bucket_order
         result = np.empty((len(names), self.replication), dtype=np.int64)
-        rows = np.arange(len(names))
+        overrides: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def member_at(slot: np.ndarray | int) -> np.ndarray:
+            slots = np.broadcast_to(slot, keys.shape)
+            value = order[slots]
+            for where, member in overrides:
+                value = np.where(slots == where, member, value)
+            return value
+
         for replica in range(self.replication):
             alive = count - replica
             chosen = jump_hash_batch(keys, alive)
-            result[:, replica] = buckets[rows, chosen]
+            result[:, replica] = member_at(chosen)
             if replica + 1 < self.replication:
+                overrides.append((chosen, member_at(alive - 1)))
                 keys = xorshift64_batch(keys)
-                buckets[rows, chosen] = buckets[rows, alive - 1]
         return result
 
     def locate(self, name: str | bytes) -> list[Member]:
@@ -696,3 +727,108 @@ def select_cluster(clusters: dict[str, ClusterSpec], name: str | None, source: s
             f"choose one with --cluster"
         )
     return next(iter(clusters.values()))
+
+
+# --------------------------------------------------------------------------
+# Balance: how evenly a carbon_ch ring spreads, and instance names that fix it
+
+
+def position_spans(positions: np.ndarray) -> np.ndarray:
+    """How many of the 65536 metric positions land on each (sorted) ring entry.
+
+    A metric goes to the first entry at or after its position, wrapping to
+    the first entry, so entry i owns (pos[i-1], pos[i]] and entry 0 also owns
+    everything after the last entry.
+    """
+    capped = np.minimum(positions, POSITIONS - 1)  # carbon's +1 walk may pass 65535
+    spans = np.diff(capped, prepend=capped[-1] - POSITIONS)
+    return spans
+
+
+def carbon_ch_shares(members: Sequence[Member], compat: str = "carbon-c-relay") -> np.ndarray:
+    """Primary share of ring positions per member for carbon_ch, without a full Ring."""
+    ring = Ring(members, "carbon_ch", compat, 1)
+    return ring.primary_share_of_positions()
+
+
+def _relay_entries(host: str, instance: str | None, replicas: int = RING_REPLICAS) -> np.ndarray:
+    key = _relay_key(host, instance)
+    return np.array([md5_position(f"{key}:{i}".encode()) for i in range(replicas)], np.int64)
+
+
+def candidate_instances(limit: int) -> list[str]:
+    """Short instance names to try: a..z, then aa..zz, ..."""
+    names: list[str] = []
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    width = 1
+    while len(names) < limit:
+        for index in range(len(letters) ** width):
+            name, rest = "", index
+            for _ in range(width):
+                rest, digit = divmod(rest, len(letters))
+                name = letters[digit] + name
+            names.append(name)
+            if len(names) == limit:
+                break
+        width += 1
+    return names
+
+
+def _max_min(shares: np.ndarray) -> float:
+    low = shares.min()
+    return float("inf") if low == 0 else float(shares.max() / low)
+
+
+def _shares_from_positions(positions: list[np.ndarray], count: int) -> np.ndarray:
+    """carbon-c-relay carbon_ch primary shares from each member's entry positions."""
+    pos = np.concatenate(positions)
+    owner = np.repeat(np.arange(count), [p.size for p in positions])
+    # Ties sort by host then instance in the relay; for a balance estimate the
+    # first-listed owner of a tie is close enough and ties are rare (~1%).
+    order = np.lexsort((owner, pos))
+    pos, owner = pos[order], owner[order]
+    spans = position_spans(pos)
+    return np.bincount(owner, weights=spans, minlength=count) / POSITIONS
+
+
+def suggest_instances(
+    members: Sequence[Member], candidates: int = 702, rounds: int = 2
+) -> tuple[list[Member], float, float]:
+    """Instance names that even out a carbon_ch ring (buckytools' findhash idea).
+
+    Hill-climbs one member at a time over `candidates` short names, keeping a
+    name when it lowers the max/min primary share; names stay unique per host.
+    Returns (members with suggested instances, max/min before, max/min after);
+    both ratios are computed exactly with a full Ring.
+    """
+    current = list(members)
+    before = _max_min(carbon_ch_shares(current))
+    names = candidate_instances(candidates)
+    cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def entries(host: str, instance: str | None) -> np.ndarray:
+        if (host, instance) not in cache:
+            cache[(host, instance)] = _relay_entries(host, instance)
+        return cache[(host, instance)]
+
+    positions = [entries(m.host, m.instance) for m in current]
+    best_ratio = _max_min(_shares_from_positions(positions, len(current)))
+    for _ in range(rounds):
+        improved = False
+        for index, member in enumerate(current):
+            taken = {m.instance for m in current if m.host == member.host and m is not member}
+            for name in names:
+                if name in taken or name == member.instance:
+                    continue
+                trial = positions.copy()
+                trial[index] = entries(member.host, name)
+                ratio = _max_min(_shares_from_positions(trial, len(current)))
+                if ratio < best_ratio - 1e-12:
+                    best_ratio, positions = ratio, trial
+                    current[index] = Member(member.host, member.port, name)
+                    member = current[index]
+                    improved = True
+        if not improved:
+            break
+    after = _max_min(carbon_ch_shares(current))
+    return current, before, after
