@@ -1,0 +1,134 @@
+"""`carbonscale relay`: the relay daemons (pickle to line, statsd).
+
+Each verb registers itself in its own `register_<verb>` function and imports
+its implementation only when it runs, so `carbonscale --help` stays fast and
+one verb's dependencies never load for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "relay",
+        help="run a relay daemon (pickle to line protocol, statsd consistent hashing)",
+        description="Relay daemons run by systemd on the relay nodes.",
+    )
+    verbs = parser.add_subparsers(dest="relay_command", metavar="RELAY", required=True)
+    register_pickle(verbs)
+
+
+def _daemon_logging() -> None:
+    # journald adds the time and the unit; a terminal gets the same lines.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
+
+# ---------------------------------------------------------------- pickle
+
+
+def register_pickle(verbs: argparse._SubParsersAction) -> None:
+    parser = verbs.add_parser(
+        "pickle",
+        help="carbon pickle protocol in (2004), line protocol out to carbon-c-relay (2003)",
+        description=(
+            "Receive carbon pickle frames (4-byte big-endian length, then a pickled list of "
+            "(path, (timestamp, value))) with an unpickler that refuses every global, and "
+            "forward the points as line protocol, in batches, to carbon-c-relay. "
+            "SIGTERM stops listening and drains the queue."
+        ),
+    )
+    parser.add_argument(
+        "--listen", default=":2004", help="[HOST]:PORT to listen on (default :2004: every address)"
+    )
+    parser.add_argument(
+        "--upstream",
+        default="127.0.0.1:2003",
+        help="carbon-c-relay's line listener HOST:PORT (default 127.0.0.1:2003)",
+    )
+    parser.add_argument(
+        "--max-frame",
+        type=int,
+        default=1024 * 1024,
+        help="largest frame in bytes; a larger one closes its connection (default 1 MiB, carbon's)",
+    )
+    parser.add_argument(
+        "--max-name",
+        type=int,
+        default=4096,
+        help="longest metric name in bytes; longer points are skipped and counted (default 4096)",
+    )
+    parser.add_argument(
+        "--max-output",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="a frame expanding to more line-protocol bytes is malformed (default 64 MiB)",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=1_000_000,
+        help="points held while carbon-c-relay is away; beyond, dropped and counted (default 1e6)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=2500,
+        help="points written to carbon-c-relay per write, at most (default 2500)",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        help="seconds between the relay's own counters sent as metrics (default 60)",
+    )
+    parser.add_argument(
+        "--stats-prefix",
+        help="name prefix of those metrics (default carbon.relays.<hostname>.pickle)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        help="close client connections silent this many seconds; 0 never (default 600)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to wait for the queue to reach carbon-c-relay (default 30)",
+    )
+    parser.add_argument(
+        "--reconnect-interval",
+        type=float,
+        default=1.0,
+        help="seconds between connection attempts to carbon-c-relay (default 1)",
+    )
+    parser.set_defaults(func=run_pickle)
+
+
+def run_pickle(args: argparse.Namespace) -> int:
+    from carbonscale.relay import pickle_relay
+
+    settings = pickle_relay.Settings(
+        listen=pickle_relay.parse_hostport(args.listen, "--listen", allow_any=True),
+        upstream=pickle_relay.parse_hostport(args.upstream, "--upstream"),
+        max_frame=args.max_frame,
+        max_name=args.max_name,
+        max_output=args.max_output,
+        queue_size=args.queue_size,
+        batch_size=args.batch_size,
+        stats_interval=args.stats_interval,
+        idle_timeout=args.idle_timeout,
+        drain_timeout=args.drain_timeout,
+        reconnect_interval=args.reconnect_interval,
+    )
+    if args.stats_prefix is not None:
+        settings.stats_prefix = args.stats_prefix
+    settings.validate()
+    _daemon_logging()
+    pickle_relay.run(settings)
+    return 0

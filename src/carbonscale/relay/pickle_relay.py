@@ -1,0 +1,480 @@
+"""The pickle relay: carbon's pickle protocol in, carbon-c-relay's line protocol out.
+
+carbon-c-relay speaks only the line protocol, while carbon daemons and many
+clients send pickle frames (a 4-byte big-endian length, then a pickled list of
+`(path, (timestamp, value))`). This daemon sits on port 2004 of every relay
+node and forwards what it decodes to the local carbon-c-relay on 2003.
+
+One thread, one asyncio loop: per frame the C unpickler and the C formatter
+(`carbonscale.relay.lines`) do the work, so the loop itself stays cheap.
+
+What happens to every point, and the counter that says so:
+- a frame over `max_frame` bytes: `frames_oversized`, connection closed;
+- a frame that does not unpickle to a list (or needs a global, or has bytes
+  after its end): `frames_malformed`, connection closed;
+- a point that cannot be written (bad name, non-number, NaN): `invalid`;
+- a good point: `points`, then `sent` once the kernel took its whole line,
+  or `dropped_overflow` when the queue (`queue_size` points) is full while
+  carbon-c-relay is away or slow, or `dropped_shutdown` when SIGTERM's drain
+  ran out of time. The relay's own counters are `self_points`.
+At any quiet moment: points + self_points = sent + dropped_overflow +
+dropped_shutdown + queued.
+
+The upstream connection is retried every `reconnect_interval` seconds; a
+line half-written when it broke is written again whole on the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from carbonscale import CarbonscaleError
+from carbonscale.relay import lines
+
+log = logging.getLogger("carbonscale.relay.pickle")
+
+COUNTERS = (
+    "connections",
+    "frames",
+    "frames_malformed",
+    "frames_oversized",
+    "points",
+    "invalid",
+    "sent",
+    "dropped_overflow",
+    "dropped_shutdown",
+    "self_points",
+    "upstream_connects",
+    "upstream_errors",
+)
+GAUGES = ("queued", "clients")
+
+
+@dataclass
+class Settings:
+    listen: tuple[str | None, int] = (None, 2004)
+    upstream: tuple[str, int] = ("127.0.0.1", 2003)
+    max_frame: int = lines.DEFAULT_MAX_FRAME
+    max_name: int = lines.DEFAULT_MAX_NAME
+    max_output: int = lines.DEFAULT_MAX_OUTPUT
+    queue_size: int = 1_000_000
+    batch_size: int = 2500
+    stats_interval: float = 60.0
+    stats_prefix: str = field(default_factory=lambda: default_stats_prefix(socket.gethostname()))
+    idle_timeout: float = 600.0
+    drain_timeout: float = 30.0
+    reconnect_interval: float = 1.0
+    connect_timeout: float = 5.0
+    backlog: int = 1024
+
+    def validate(self) -> None:
+        for name in ("max_frame", "max_name", "max_output", "queue_size", "batch_size", "backlog"):
+            if getattr(self, name) < 1:
+                raise CarbonscaleError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("stats_interval", "reconnect_interval", "connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise CarbonscaleError(f"--{name.replace('_', '-')} must be > 0")
+        for name in ("idle_timeout", "drain_timeout"):
+            if getattr(self, name) < 0:
+                raise CarbonscaleError(f"--{name.replace('_', '-')} must be >= 0")
+        if not self.stats_prefix or any(c.isspace() for c in self.stats_prefix):
+            raise CarbonscaleError("--stats-prefix must be a non-empty name without whitespace")
+
+
+def default_stats_prefix(hostname: str) -> str:
+    """carbon.relays.<host>.pickle, the host's dots made underscores like carbon-c-relay's own."""
+    return f"carbon.relays.{hostname.replace('.', '_')}.pickle"
+
+
+def parse_hostport(text: str, option: str, allow_any: bool = False) -> tuple[str | None, int]:
+    """HOST:PORT, [IPv6]:PORT, or :PORT (every interface) when allow_any."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or (not host and not allow_any):
+        form = "[HOST]:PORT" if allow_any else "HOST:PORT"
+        raise CarbonscaleError(f"{option} wants {form}, got {text!r}")
+    return (host or None), int(port)
+
+
+class Throttled:
+    """At most one log line per key every `every` seconds, with how many were held back."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -self.every) < self.every:
+            self.held[key] += 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        log.warning("%s%s", message, f" ({held} more like it not logged)" if held else "")
+
+
+class Upstream:
+    """One connection to carbon-c-relay fed from a bounded queue of formatted frames."""
+
+    def __init__(self, relay: PickleRelay) -> None:
+        self.relay = relay
+        self.settings = relay.settings
+        self.counters = relay.counters
+        self.loop = asyncio.get_running_loop()
+        self.queue: collections.deque[tuple[bytes, int]] = collections.deque()
+        self.queued = 0  # points in self.queue
+        self.pending = b""  # the batch being written, self.offset bytes of it done
+        self.offset = 0
+        self.sock: socket.socket | None = None
+        self.waiting_writable = False
+        self.lost = asyncio.Event()
+
+    # -- the queue
+
+    def enqueue(self, data: bytes, count: int) -> None:
+        if self.queued + count > self.settings.queue_size:
+            self.counters["dropped_overflow"] += count
+            self.relay.throttled.warning(
+                "overflow",
+                f"queue full ({self.queued} points): dropped {count} points "
+                f"({'carbon-c-relay unreachable' if self.sock is None else 'carbon-c-relay slow'})",
+            )
+            return
+        self.queue.append((data, count))
+        self.queued += count
+
+    def pending_points(self) -> int:
+        return self.queued + self.pending.count(b"\n", self.offset)
+
+    def kick(self) -> None:
+        if self.sock is not None and not self.waiting_writable:
+            self._flush()
+
+    def _next_batch(self) -> bool:
+        if not self.queue:
+            self.pending, self.offset = b"", 0
+            return False
+        parts, count = [], 0
+        batch_size = self.settings.batch_size
+        while self.queue and (not parts or count + self.queue[0][1] <= batch_size):
+            data, n = self.queue.popleft()
+            parts.append(data)
+            count += n
+        self.queued -= count
+        self.pending = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.offset = 0
+        return True
+
+    def _flush(self) -> None:
+        sock = self.sock
+        while sock is not None:
+            if self.offset >= len(self.pending) and not self._next_batch():
+                return
+            try:
+                sent = sock.send(memoryview(self.pending)[self.offset :])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._disconnect(f"write failed: {exc}")
+                return
+            if sent:
+                # A point is sent once its newline is: partial lines wait.
+                self.counters["sent"] += self.pending.count(b"\n", self.offset, self.offset + sent)
+                self.offset += sent
+            if self.offset < len(self.pending):
+                self.waiting_writable = True
+                self.loop.add_writer(sock, self._writable)
+                return
+
+    def _writable(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock)
+        self.waiting_writable = False
+        self._flush()
+
+    def _readable(self) -> None:
+        # carbon-c-relay never talks back: readable means closed (or reset).
+        try:
+            data = self.sock.recv(4096) if self.sock is not None else b""
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._disconnect(f"connection error: {exc}")
+            return
+        if not data:
+            self._disconnect("closed by carbon-c-relay")
+
+    def _disconnect(self, why: str) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        self.counters["upstream_errors"] += 1
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(sock)
+            self.loop.remove_reader(sock)
+        self.waiting_writable = False
+        sock.close()
+        # Whatever the kernel took is gone with the connection; a line cut in
+        # half is written again whole on the next one.
+        self.offset = self.pending.rfind(b"\n", 0, self.offset) + 1
+        host, port = self.settings.upstream
+        self.relay.throttled.warning("upstream", f"upstream {host}:{port}: {why}")
+        self.lost.set()
+
+    # -- the connection
+
+    async def run(self) -> None:
+        host, port = self.settings.upstream
+        while True:
+            try:
+                infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                family, kind, proto, _, address = infos[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                try:
+                    await asyncio.wait_for(
+                        self.loop.sock_connect(sock, address), self.settings.connect_timeout
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+            except (TimeoutError, OSError) as exc:
+                self.counters["upstream_errors"] += 1
+                self.relay.throttled.warning(
+                    "upstream", f"upstream {host}:{port}: cannot connect: {exc or 'timeout'}"
+                )
+                await asyncio.sleep(self.settings.reconnect_interval)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock
+            self.lost.clear()
+            self.counters["upstream_connects"] += 1
+            log.info("upstream %s:%s connected", host, port)
+            self.loop.add_reader(sock, self._readable)
+            self._flush()
+            await self.lost.wait()
+            await asyncio.sleep(self.settings.reconnect_interval)
+
+    def discard(self) -> None:
+        """Forget everything not yet sent (counted by the caller)."""
+        self.queue.clear()
+        self.queued = 0
+        self.pending, self.offset = b"", 0
+
+    def close(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(self.sock)
+                self.loop.remove_reader(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+class PickleClient(asyncio.Protocol):
+    """One sender: splits the byte stream into frames and hands each to the relay."""
+
+    def __init__(self, relay: PickleRelay) -> None:
+        self.relay = relay
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed = False
+        self.last_active = time.monotonic()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.relay.counters["connections"] += 1
+        self.relay.clients.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.relay.clients.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_active = time.monotonic()
+        relay = self.relay
+        buffer = self.buffer
+        buffer += data
+        size = len(buffer)
+        pos = 0
+        max_frame = relay.settings.max_frame
+        while size - pos >= 4:
+            length = int.from_bytes(buffer[pos : pos + 4], "big")
+            if length > max_frame:
+                relay.counters["frames_oversized"] += 1
+                self.reject(f"frame of {length} bytes is over the {max_frame} byte limit")
+                break
+            end = pos + 4 + length
+            if end > size:
+                break
+            frame = bytes(buffer[pos + 4 : end])
+            pos = end
+            if not relay.handle_frame(frame, self.peer):
+                self.reject(None)
+                break
+        if self.closed:
+            buffer.clear()
+        else:
+            del buffer[:pos]
+        relay.upstream.kick()
+
+    def reject(self, why: str | None) -> None:
+        if why:
+            self.relay.throttled.warning("frame", f"{self.peer}: {why}; connection closed")
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class PickleRelay:
+    def __init__(self, settings: Settings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
+        self.clients: set[PickleClient] = set()
+        self.throttled = Throttled()
+        self.upstream: Upstream | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.stopping: asyncio.Event | None = None
+
+    def handle_frame(self, frame: bytes, peer: str) -> bool:
+        """Decode one frame and queue its lines; False when the connection must close."""
+        settings = self.settings
+        try:
+            data, count, invalid = lines.decode_frame(
+                frame, int(time.time()), settings.max_name, settings.max_output
+            )
+        except lines.MalformedFrame as exc:
+            self.counters["frames_malformed"] += 1
+            self.throttled.warning("frame", f"{peer}: malformed frame ({exc}); connection closed")
+            return False
+        counters = self.counters
+        counters["frames"] += 1
+        counters["points"] += count
+        if invalid:
+            counters["invalid"] += invalid
+            self.throttled.warning("invalid", f"{peer}: skipped {invalid} invalid points")
+        if count:
+            self.upstream.enqueue(data, count)
+        return True
+
+    def snapshot(self) -> dict[str, int]:
+        values = dict(self.counters)
+        values["queued"] = self.upstream.pending_points() if self.upstream else 0
+        values["clients"] = len(self.clients)
+        return values
+
+    def report(self) -> None:
+        """Queue the relay's own counters (cumulative, like carbon-c-relay's) as metrics."""
+        now = int(time.time())
+        values = self.snapshot()
+        names = COUNTERS + GAUGES
+        prefix = self.settings.stats_prefix
+        data = "".join(f"{prefix}.{name} {values[name]} {now}\n" for name in names).encode()
+        self.counters["self_points"] += len(names)
+        self.upstream.enqueue(data, len(names))
+        self.upstream.kick()
+
+    async def _report_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.stats_interval)
+            self.report()
+
+    async def _close_idle_clients(self) -> None:
+        timeout = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(max(1.0, timeout / 10))
+            cutoff = time.monotonic() - timeout
+            for client in list(self.clients):
+                if client.last_active < cutoff:
+                    log.info("%s: idle for %ss, closing", client.peer, timeout)
+                    client.reject(None)
+
+    async def serve(self, ready: asyncio.Event | None = None) -> dict[str, int]:
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        self.stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        self.upstream = Upstream(self)
+        host, port = settings.listen
+        try:
+            self.server = await loop.create_server(
+                lambda: PickleClient(self),
+                host,
+                port,
+                reuse_address=True,
+                backlog=settings.backlog,
+            )
+        except OSError as exc:
+            where = f"{host or '*'}:{port}"
+            raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
+        bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.server.sockets)
+        log.info(
+            "listening on %s, forwarding to %s:%s (%s formatter)",
+            bound,
+            *settings.upstream,
+            lines.IMPLEMENTATION,
+        )
+        tasks = [
+            asyncio.create_task(self.upstream.run()),
+            asyncio.create_task(self._report_every_interval()),
+        ]
+        if settings.idle_timeout:
+            tasks.append(asyncio.create_task(self._close_idle_clients()))
+        if ready is not None:
+            ready.set()
+        await self.stopping.wait()
+        await self._drain(tasks[0])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.upstream.close()
+        return self.snapshot()
+
+    async def _drain(self, upstream_task: asyncio.Task) -> None:
+        """Stop taking data, then give carbon-c-relay everything queued (up to drain_timeout)."""
+        self.server.close()
+        for client in list(self.clients):
+            client.reject(None)
+        self.report()  # the final counters travel with the rest
+        deadline = time.monotonic() + self.settings.drain_timeout
+        log.info("stopping: draining %d queued points", self.upstream.pending_points())
+        while self.upstream.pending_points() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.upstream.pending_points()
+        if left:
+            self.counters["dropped_shutdown"] += left
+            self.upstream.discard()
+            log.warning(
+                "stopping: carbon-c-relay took not all points within %ss: %d dropped",
+                self.settings.drain_timeout,
+                left,
+            )
+
+
+def summary(values: dict[str, int]) -> str:
+    return " ".join(f"{name}={values[name]}" for name in COUNTERS + GAUGES)
+
+
+def run(settings: Settings) -> dict[str, int]:
+    """Serve until SIGTERM or SIGINT; the final counters."""
+    relay = PickleRelay(settings)
+    values = asyncio.run(relay.serve())
+    log.info("stopped: %s", summary(values))
+    return values
