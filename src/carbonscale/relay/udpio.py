@@ -31,6 +31,7 @@ except ImportError:  # a checkout whose extension was not compiled
 
 HAVE_C = _recv_many_c is not None
 
+
 def recv_many_py(fd: int, max_msgs: int) -> tuple[int, bytes]:
     if not 1 <= max_msgs <= MAX_BATCH:
         raise ValueError(f"max_msgs must be in 1..{MAX_BATCH}")
