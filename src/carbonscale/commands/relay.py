@@ -20,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verbs = parser.add_subparsers(dest="relay_command", metavar="RELAY", required=True)
     register_pickle(verbs)
+    register_statsd(verbs)
 
 
 def _daemon_logging() -> None:
@@ -132,3 +133,134 @@ def run_pickle(args: argparse.Namespace) -> int:
     _daemon_logging()
     pickle_relay.run(settings)
     return 0
+
+
+# ---------------------------------------------------------------- statsd
+
+
+def register_statsd(verbs: argparse._SubParsersAction) -> None:
+    parser = verbs.add_parser(
+        "statsd",
+        help="statsd consistent-hash relay (8125) in front of statsd daemons, like StatsRelay",
+        description=(
+            "Relay statsd datagrams to statsd daemons, each metric name (the text before ':') "
+            "always to the same daemon: 64-bit FNV-1a and jump hash over the backends in the "
+            "order given (StatsRelay's placement; give every relay the same list). Backends are "
+            "health-checked on their admin port with flap damping; the metrics of a held-out "
+            "backend go to their second choice (carbon-c-relay's jump replica), the others never "
+            "move. Arguments may also come from a file: @FILE, one per line."
+        ),
+        fromfile_prefix_chars="@",
+    )
+    parser.add_argument(
+        "backends",
+        nargs="+",
+        metavar="BACKEND",
+        help="statsd daemon HOST:PORT[:ADMIN_PORT] (IPv6 as [ADDR]:PORT[:ADMIN_PORT]); the "
+        "order is the hash order and must be the same on every relay; a backend without "
+        "ADMIN_PORT is never health-checked",
+    )
+    parser.add_argument("--listen", default="0.0.0.0", help="UDP address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8125, help="UDP port (default 8125)")
+    parser.add_argument(
+        "--admin-listen", default="0.0.0.0", help="admin TCP address (default 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--admin-port",
+        type=int,
+        default=8126,
+        help="admin TCP port: 'health' answers 'health: up' (or down) like statsd, for "
+        "load-balancer checks; also 'health up|down', 'stats', 'backends' (default 8126; 0: off)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the UDP port with SO_REUSEPORT (default 1)",
+    )
+    parser.add_argument(
+        "--packet-size",
+        type=int,
+        default=1400,
+        help="largest datagram sent to a backend in bytes (default 1400)",
+    )
+    parser.add_argument(
+        "--rcvbuf",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="UDP receive buffer of each worker in bytes; above net.core.rmem_max only with "
+        "CAP_NET_ADMIN (default 32 MiB)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=int,
+        default=500_000,
+        help="metric names whose backend is remembered (default 500000)",
+    )
+    parser.add_argument(
+        "--check-interval",
+        type=float,
+        default=5.0,
+        help="seconds between health checks (default 5)",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        type=float,
+        default=1.0,
+        help="seconds a backend's admin port has to answer (default 1)",
+    )
+    parser.add_argument(
+        "--flap-half-life", type=float, help="flap penalty half-life in seconds (default 60)"
+    )
+    parser.add_argument(
+        "--flap-reuse-limit", type=float, help="penalty below which a backend returns (default 10)"
+    )
+    parser.add_argument(
+        "--flap-suppress-limit",
+        type=float,
+        help="penalty above which a flapping backend is held out (default 25)",
+    )
+    parser.add_argument(
+        "--flap-penalty", type=float, help="penalty of each up/down change (default 10)"
+    )
+    parser.add_argument(
+        "--flap-state",
+        metavar="FILE",
+        help="keep the flap damping state in this file across restarts (default: memory)",
+    )
+    parser.add_argument(
+        "--carbon",
+        default="127.0.0.1:2003",
+        help="carbon line receiver HOST:PORT for the relay's counters, or 'none' "
+        "(default 127.0.0.1:2003)",
+    )
+    parser.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        help="seconds between the relay's counters sent to carbon (default 60)",
+    )
+    parser.add_argument(
+        "--stats-prefix",
+        help="name prefix of those counters (default carbon.relays.<hostname>.statsd)",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the arguments, print the backends in hash order and exit",
+    )
+    parser.add_argument(
+        "--locate",
+        action="append",
+        metavar="NAME",
+        help="print the backend a metric name goes to when every backend is usable, and "
+        "exit (repeatable)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="log at debug level")
+    parser.set_defaults(func=run_statsd)
+
+
+def run_statsd(args: argparse.Namespace) -> int:
+    from carbonscale.relay import statsd
+
+    return statsd.main(args)
