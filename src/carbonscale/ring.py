@@ -43,6 +43,11 @@ import numpy as np
 
 from carbonscale import CarbonscaleError
 
+try:  # the per-name loops in C; the numpy batch functions below are its twin
+    from carbonscale import _ringhash
+except ImportError:  # pragma: no cover - an install without the extension
+    _ringhash = None
+
 HASH_TYPES = ("carbon_ch", "fnv1a_ch", "jump_fnv1a_ch")
 COMPATS = ("carbon-c-relay", "carbon")
 DEFAULT_PORT = 2003
@@ -240,10 +245,14 @@ def _fnv1a_batch(names: Sequence[bytes], bits: int, signed_char: bool) -> np.nda
 
 
 def fnv1a_32_batch(names: Sequence[bytes], signed_char: bool = False) -> np.ndarray:
+    if _ringhash is not None:
+        return np.frombuffer(_ringhash.fnv1a(list(names), 32, signed_char), dtype=np.uint32)
     return _fnv1a_batch(names, 32, signed_char)
 
 
 def fnv1a_64_batch(names: Sequence[bytes], signed_char: bool = False) -> np.ndarray:
+    if _ringhash is not None:
+        return np.frombuffer(_ringhash.fnv1a(list(names), 64, signed_char), dtype=np.uint64)
     return _fnv1a_batch(names, 64, signed_char)
 
 
@@ -295,6 +304,13 @@ except ImportError:  # pragma: no cover - builds without the builtin module
 
 
 def md5_positions(names: Iterable[bytes]) -> np.ndarray:
+    """carbon_ch positions (first two bytes of MD5) of many names."""
+    if _ringhash is not None:
+        return np.frombuffer(_ringhash.md5_positions(list(names)), dtype=np.int64)
+    return _md5_positions_hashlib(names)
+
+
+def _md5_positions_hashlib(names: Iterable[bytes]) -> np.ndarray:
     md5 = _fast_md5
     digests = b"".join([md5(n).digest() for n in names])
     pairs = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)[:, :2].astype(np.int64)
@@ -600,16 +616,24 @@ class Ring:
         return self._owner_rows[self._start_of_position[self.positions(names)]]
 
     def _jump_batch(self, names: Sequence[bytes]) -> np.ndarray:
+        keys = fnv1a_64_batch(names, signed_char=True)
+        if _ringhash is not None:
+            packed = _ringhash.jump_replicas(
+                keys.tobytes(), self.bucket_order.astype(np.int64).tobytes(), self.replication
+            )
+            return np.frombuffer(packed, dtype=np.int64).reshape(len(names), self.replication)
+        return self._jump_replicas_numpy(keys)
+
+    def _jump_replicas_numpy(self, keys: np.ndarray) -> np.ndarray:
         """carbon-c-relay's jump replicas: after each pick, the picked bucket takes
         the last bucket's member and the next jump runs over one bucket less.
 
         The per-name bucket lists are kept virtually: the base order plus the
         (slot, member) overrides the picks made, so no (names x members) matrix.
         """
-        keys = fnv1a_64_batch(names, signed_char=True)
         count = len(self.members)
         order = self.bucket_order
-        result = np.empty((len(names), self.replication), dtype=np.int64)
+        result = np.empty((len(keys), self.replication), dtype=np.int64)
         overrides: list[tuple[np.ndarray, np.ndarray]] = []
 
         def member_at(slot: np.ndarray | int) -> np.ndarray:

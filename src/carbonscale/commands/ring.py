@@ -4,11 +4,7 @@ and how evenly a ring spreads (balance)."""
 from __future__ import annotations
 
 import argparse
-import itertools
-import multiprocessing
-import os
 import sys
-from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
@@ -25,8 +21,9 @@ from carbonscale.ring import (
     select_cluster,
     suggest_instances,
 )
+from carbonscale.ring import _ringhash as _ringhash
 
-BLOCK_BYTES = 1 << 20  # read and write in 1 MiB blocks (even work for the workers)
+BLOCK_BYTES = 1 << 22  # read and write in 4 MiB blocks
 SAMPLE_NAMES = 100_000
 
 
@@ -125,6 +122,8 @@ def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
     lines = block.split(b"\n")
     if b" " in block or b"\t" in block or b"\r" in block:
         return [fields[0] for fields in map(bytes.split, lines) if fields]
+    if lines[-1] == b"" and b"\n\n" not in block and not block.startswith(b"\n"):
+        return lines[:-1]  # the common case: no blank lines
     return [line for line in lines if line]
 
 
@@ -135,11 +134,13 @@ def read_names(stream: BinaryIO) -> Iterator[list[bytes]]:
             yield names
 
 
-def interleave(names: list[bytes], suffixes: list[bytes]) -> bytes:
-    """b"".join of name, suffix, name, suffix... without building name+suffix objects."""
+def join_lines(names: list[bytes], suffixes: list[bytes], indices: np.ndarray) -> bytes:
+    """names[i] + suffixes[indices[i]] for every name, as one bytes object."""
+    if _ringhash is not None:
+        return _ringhash.join_lines(names, suffixes, indices.astype(np.int64).tobytes())
     parts: list[bytes] = [b""] * (2 * len(names))
     parts[::2] = names
-    parts[1::2] = suffixes
+    parts[1::2] = list(map(suffixes.__getitem__, indices.tolist()))
     return b"".join(parts)
 
 
@@ -155,76 +156,65 @@ def _row_codes(ring: Ring, rows: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _suffixes(ring: Ring, rows: np.ndarray) -> list[bytes]:
-    """`\\towner[\\towner]\\n` for each row, built once per distinct row."""
-    uniques, inverse = np.unique(_row_codes(ring, rows), return_inverse=True)
-    first = np.zeros(len(uniques), dtype=np.int64)
-    first[inverse[::-1]] = np.arange(len(rows))[::-1]
-    text = [("\t" + t + "\n").encode() for t in _owner_text(ring, rows[first])]
-    return list(map(text.__getitem__, inverse.tolist()))
+def _suffix_of(ring: Ring, row: Sequence[int]) -> bytes:
+    return ("\t" + "\t".join(ring.members[i].address for i in row) + "\n").encode()
+
+
+# Owner rows are looked up in a table indexed by row code while the code
+# space (members ** replication) stays this small; beyond it, per batch.
+CODE_TABLE_LIMIT = 1 << 16
+
+
+def _suffix_table(ring: Ring, rows: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """Distinct `\\towner[\\towner]\\n` texts of rows, and each row's index into them."""
+    _, first, inverse = np.unique(_row_codes(ring, rows), return_index=True, return_inverse=True)
+    return [_suffix_of(ring, row) for row in rows[first].tolist()], inverse.reshape(-1)
+
+
+def _code_table(ring: Ring) -> list[bytes] | None:
+    count = len(ring.members)
+    if count**ring.replication > CODE_TABLE_LIMIT:
+        return None
+    rows = np.array(list(np.ndindex(*(count,) * ring.replication)), dtype=np.int64)
+    return [_suffix_of(ring, row) for row in rows.tolist()]
 
 
 class Locator:
     """Formats `metric<TAB>owner...` lines for batches of names, fast.
 
     carbon_ch and fnv1a_ch depend only on a 16-bit position, so the owner
-    text of all 65536 positions is built once; jump builds it per batch.
+    texts of all 65536 positions are built once; jump indexes a table of all
+    owner rows when it is small, or builds the texts per batch.
     """
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
-        self.by_position: list[bytes] | None = None
+        self.code_table: list[bytes] | None = None
         if ring.hash_type != "jump_fnv1a_ch":
             rows = ring._owner_rows[ring._start_of_position]
-            self.by_position = _suffixes(ring, rows)
+            self.position_texts, self.position_index = _suffix_table(ring, rows)
+        else:
+            self.code_table = _code_table(ring)
 
     def format(self, names: list[bytes]) -> bytes:
-        if self.by_position is not None:
-            table = self.by_position
-            suffixes = list(map(table.__getitem__, self.ring.positions(names).tolist()))
-        else:
-            suffixes = _suffixes(self.ring, self.ring.locate_batch(names))
-        return interleave(names, suffixes)
+        if self.ring.hash_type != "jump_fnv1a_ch":
+            indices = self.position_index[self.ring.positions(names)]
+            return join_lines(names, self.position_texts, indices)
+        rows = self.ring.locate_batch(names)
+        if self.code_table is not None:
+            return join_lines(names, self.code_table, _row_codes(self.ring, rows))
+        texts, indices = _suffix_table(self.ring, rows)
+        return join_lines(names, texts, indices)
 
     def format_block(self, block: bytes, line_no: int) -> bytes:
         names = names_in(block, line_no)
         return self.format(names) if names else b""
 
 
-# The locator a forked worker inherits (set before the pool forks).
-_WORKER_LOCATOR: Locator | None = None
-
-
-def _format_in_worker(block: bytes, line_no: int) -> bytes:
-    assert _WORKER_LOCATOR is not None
-    return _WORKER_LOCATOR.format_block(block, line_no)
-
-
-def locate_stream(locator: Locator, source: BinaryIO, out: BinaryIO, jobs: int) -> None:
-    """Stream source to out in blocks; with jobs > 1 blocks are formatted by forked
-    workers, in order, with a bounded number in flight (memory stays flat)."""
-    blocks = read_blocks(source)
-    first = next(blocks, None)
-    if first is None:
-        return
-    second = next(blocks, None)
-    if jobs <= 1 or second is None:
-        out.write(locator.format_block(*first))
-        if second is not None:
-            out.write(locator.format_block(*second))
-        for block in blocks:
-            out.write(locator.format_block(*block))
-        return
-    global _WORKER_LOCATOR
-    _WORKER_LOCATOR = locator
-    pending: deque = deque()
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        for block in itertools.chain((first, second), blocks):
-            pending.append(pool.apply_async(_format_in_worker, block))
-            if len(pending) >= 2 * jobs:
-                out.write(pending.popleft().get())
-        while pending:
-            out.write(pending.popleft().get())
+def locate_stream(locator: Locator, source: BinaryIO, out: BinaryIO) -> None:
+    """Stream source to out block by block: memory stays flat on any input size."""
+    for block in read_blocks(source):
+        out.write(locator.format_block(*block))
 
 
 # ----- verbs ---------------------------------------------------------------
@@ -232,17 +222,9 @@ def locate_stream(locator: Locator, source: BinaryIO, out: BinaryIO, jobs: int) 
 
 def run_locate(args: argparse.Namespace) -> int:
     locator = Locator(_ring_from(args))
-    locate_stream(locator, sys.stdin.buffer, sys.stdout.buffer, _jobs(args.jobs))
+    locate_stream(locator, sys.stdin.buffer, sys.stdout.buffer)
     sys.stdout.buffer.flush()
     return 0
-
-
-def _jobs(requested: int | None) -> int:
-    if requested is None:
-        return min(os.cpu_count() or 1, 4)
-    if requested < 1:
-        raise CarbonscaleError(f"--jobs must be >= 1, got {requested}")
-    return requested
 
 
 def _member_label(member: Member) -> str:
@@ -365,9 +347,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _add_ring_options(locate)
-    locate.add_argument(
-        "--jobs", type=int, help="worker processes for large inputs (default: cores, up to 4)"
-    )
     locate.add_argument("members", nargs="*", metavar="MEMBER", help="host[:port][=instance]")
     locate.set_defaults(func=run_locate)
 
