@@ -14,8 +14,8 @@ from carbonscale import CarbonscaleError
 from carbonscale.ring import (
     COMPATS,
     HASH_TYPES,
-    Member,
     Ring,
+    RingDiff,
     parse_member,
     parse_relay_config,
     select_cluster,
@@ -144,8 +144,8 @@ def join_lines(names: list[bytes], suffixes: list[bytes], indices: np.ndarray) -
     return b"".join(parts)
 
 
-def _owner_text(ring: Ring, rows: np.ndarray) -> list[str]:
-    return ["\t".join(ring.members[i].address for i in row) for row in rows.tolist()]
+def _owner_text(ring: Ring, rows: np.ndarray, sep: str = "\t") -> list[str]:
+    return [sep.join(ring.members[i].address for i in row) for row in rows.tolist()]
 
 
 def _row_codes(ring: Ring, rows: np.ndarray) -> np.ndarray:
@@ -227,10 +227,6 @@ def run_locate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _member_label(member: Member) -> str:
-    return member.relay_syntax
-
-
 def run_diff(args: argparse.Namespace) -> int:
     old = make_ring(
         args.old, args.hash, args.compat, args.replication,
@@ -240,44 +236,33 @@ def run_diff(args: argparse.Namespace) -> int:
         args.new, args.new_hash or args.hash, args.compat, args.new_replication or args.replication,
         args.new_relay_config, args.new_cluster, "new ",
     )  # fmt: skip
+    diff = RingDiff(old, new)
     out = sys.stdout.buffer
-    old_labels = [_member_label(m) for m in old.members]
-    new_labels = [_member_label(m) for m in new.members]
-    matrix: dict[tuple[int, int], int] = {}
-    total = moved = 0
     for names in read_names(sys.stdin.buffer):
-        old_rows, new_rows = old.locate_batch(names), new.locate_batch(names)
-        pairs = np.stack([old_rows[:, 0], new_rows[:, 0]], axis=1)
-        keys, counts = np.unique(pairs, axis=0, return_counts=True)
-        for (src, dst), count in zip(keys.tolist(), counts.tolist(), strict=True):
-            matrix[(src, dst)] = matrix.get((src, dst), 0) + count
-        total += len(names)
-        # A metric moves when its set of owners changes (a new replica order
-        # alone moves no data).
-        changed = np.nonzero((np.sort(old_rows, axis=1) != np.sort(new_rows, axis=1)).any(axis=1))[
-            0
-        ]
-        moved += changed.size
+        changed, old_rows, new_rows = diff.add(names)
         if not args.summary and changed.size:
-            old_text = _owner_text(old, old_rows[changed])
-            new_text = _owner_text(new, new_rows[changed])
-            lines = [
-                b"%s\t%s\t%s\n"
-                % (names[i], a.replace("\t", ",").encode(), b.replace("\t", ",").encode())
-                for i, a, b in zip(changed.tolist(), old_text, new_text, strict=True)
-            ]
-            out.write(b"".join(lines))
+            out.write(
+                b"".join(
+                    b"%s\t%s\t%s\n" % (names[i], a.encode(), b.encode())
+                    for i, a, b in zip(
+                        changed.tolist(),
+                        _owner_text(old, old_rows[changed], ","),
+                        _owner_text(new, new_rows[changed], ","),
+                        strict=True,
+                    )
+                )
+            )
     out.flush()
     report = sys.stdout if args.summary else sys.stderr
-    fraction = moved / total if total else 0.0
-    print(f"moved {moved} of {total} metrics ({fraction:.2%})", file=report)
+    print(f"moved {diff.moved} of {diff.total} metrics ({diff.fraction:.2%})", file=report)
     print("primary owner, from (rows) -> to (columns):", file=report)
-    width = max(len(label) for label in old_labels + new_labels)
-    used_new = sorted({dst for _, dst in matrix})
-    print(" " * width + "".join(f"  {new_labels[d]:>{width}}" for d in used_new), file=report)
-    for src in sorted({s for s, _ in matrix}):
-        cells = "".join(f"  {matrix.get((src, d), 0):>{width}}" for d in used_new)
-        print(f"{old_labels[src]:<{width}}{cells}", file=report)
+    table = diff.matrix_by_label()
+    columns = sorted({dst for row in table.values() for dst in row})
+    width = max(len(label) for label in [*table, *columns]) if table else 0
+    print(" " * width + "".join(f"  {label:>{width}}" for label in columns), file=report)
+    for src, row in table.items():
+        cells = "".join(f"  {row.get(dst, 0):>{width}}" for dst in columns)
+        print(f"{src:<{width}}{cells}", file=report)
     return 0
 
 
