@@ -468,21 +468,23 @@ class Worker:
         poller.register(fd, select.POLLIN)
         recv_many = udpio.recv_many
         handle = self.handle
+        shared = self.state.array
         while not self.stop:
             count, data = recv_many(fd, RECV_BATCH)
             if count:
+                # A health change applies from the next batch on (one read
+                # of shared memory a batch).
+                if shared[0] != self.generation:
+                    self.refresh_health()
                 handle(count, data)
-                if self.pending_lines < FLUSH_LINES:
-                    continue
-                self.flush()
-                self.publish()
-                self.refresh_health()
+                if self.pending_lines >= FLUSH_LINES:
+                    self.flush()
+                    self.publish()
                 continue
             # Drained: send what is batched, then sleep until datagrams come.
             if self.pending_lines:
                 self.flush()
             self.publish()
-            self.refresh_health()
             poller.poll(500)
         self.flush()
         self.publish()
@@ -611,6 +613,44 @@ class HealthChecker:
         return lines
 
 
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped on full receive buffers of UDP sockets on `port`.
+
+    The last column of /proc/net/udp{,6} (this network namespace). Only our
+    workers can hold the port: SO_REUSEPORT groups need the same user.
+    """
+    total = 0
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path, encoding="ascii") as table:
+                next(table, None)
+                for row in table:
+                    fields = row.split()
+                    if len(fields) > 12 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        total += int(fields[-1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class KernelDrops:
+    """Cumulative kernel drops on the relay's port, across worker restarts
+    (a restarted worker's new socket starts again from zero)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.total = 0
+        self.last = 0
+        self._lock = threading.Lock()
+
+    def read(self) -> int:
+        with self._lock:
+            now = udp_drops(self.port)
+            self.total += now - self.last if now >= self.last else now
+            self.last = now
+            return self.total
+
+
 @dataclass
 class RelayConfig:
     backends: list[Backend]
@@ -644,7 +684,8 @@ class Supervisor:
         # `python -m carbonscale` would run the CLI again in every worker. The
         # children touch only their socket, logging and the shared array.
         self._context = multiprocessing.get_context("fork")
-        self._last_totals = [0] * self.state.block
+        self.kernel_drops = KernelDrops(config.port)
+        self._last_totals = [0] * (self.state.block + 1)
         self._carbon_failing = False
         self.admin: socketserver.ThreadingTCPServer | None = None
         # Maintained by the main loop (the admin thread only reads it).
@@ -672,11 +713,11 @@ class Supervisor:
                 log.warning("health set %s on the admin port", self.manual_health)
             return f"health: {'up' if self.relay_is_up() else 'down'}\n"
         if cmd == "stats":
-            totals = self.state.totals()
+            counters, forwarded = self.totals()
             out = [f"uptime: {int(time.time() - self.started)}"]
-            out += [f"{name}: {totals[i]}" for i, name in enumerate(COUNTERS)]
-            for i, backend in enumerate(self.backends):
-                out.append(f"backend {backend.spec} forwarded: {totals[len(COUNTERS) + i]}")
+            out += [f"{name}: {value}" for name, value in counters.items()]
+            for backend, value in zip(self.backends, forwarded, strict=True):
+                out.append(f"backend {backend.spec} forwarded: {value}")
             return "\n".join(out) + "\nEND\n\n"
         if cmd == "backends":
             return "\n".join(self.checker.describe()) + "\nEND\n\n"
@@ -723,16 +764,25 @@ class Supervisor:
 
     # ----- counters to carbon
 
+    def totals(self) -> tuple[dict[str, int], list[int]]:
+        """Cumulative counters (workers' and the kernel's drops) and forwarded per backend."""
+        raw = self.state.totals()
+        counters = dict(zip(COUNTERS, raw[: len(COUNTERS)], strict=True))
+        counters["datagrams_dropped_kernel"] = self.kernel_drops.read()
+        return counters, raw[len(COUNTERS) :]
+
     def stats_lines(self, now: int) -> bytes:
-        totals = self.state.totals()
-        deltas = [max(0, t - last) for t, last in zip(totals, self._last_totals, strict=True)]
-        self._last_totals = totals
+        """The counters since the last call, as carbon line protocol."""
+        counters, forwarded = self.totals()
+        current = [*counters.values(), *forwarded]
+        deltas = [max(0, t - last) for t, last in zip(current, self._last_totals, strict=True)]
+        self._last_totals = current
         prefix = self.config.stats_prefix
-        lines = [f"{prefix}.{name} {deltas[i]} {now}" for i, name in enumerate(COUNTERS)]
+        lines = [f"{prefix}.{name} {deltas[i]} {now}" for i, name in enumerate(counters)]
         for i, backend in enumerate(self.backends):
             lines.append(
                 f"{prefix}.backends.{backend.metric_name}.forwarded "
-                f"{deltas[len(COUNTERS) + i]} {now}"
+                f"{deltas[len(counters) + i]} {now}"
             )
             lines.append(
                 f"{prefix}.backends.{backend.metric_name}.usable "
@@ -848,11 +898,8 @@ class Supervisor:
             self.admin.server_close()
         if self.config.carbon is not None:
             self.send_stats()
-        totals = self.state.totals()
-        log.info(
-            "stopped: %s",
-            ", ".join(f"{name} {totals[i]}" for i, name in enumerate(COUNTERS)),
-        )
+        counters, _ = self.totals()
+        log.info("stopped: %s", ", ".join(f"{name} {value}" for name, value in counters.items()))
 
 
 # --------------------------------------------------------------------------
