@@ -169,42 +169,147 @@ format_int(char *buf, long long v)
     return len;
 }
 
-static const double POW10[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9};
-static const long long IPOW10[] = {1LL, 10LL, 100LL, 1000LL, 10000LL,
-                                   100000LL, 1000000LL, 10000000LL, 100000000LL,
-                                   1000000000LL};
+/* repr(v) without dtoa, for finite non-integral 1e-4 <= |v| < 2**52 (where
+ * repr writes fixed notation); 0 for anything else, which PyOS_double_to_string
+ * then does (it costs ~0.5 us a value; full-precision values are common).
+ *
+ * repr(v) is the shortest decimal that reads back as v, the one nearest v
+ * among those. With v = m * 2**-s exactly (m < 2**53, s <= 66 in this range),
+ * the p-digit decimal nearest v, M * 10**-k, comes exactly from 128-bit
+ * integers: M = round(m * 10**k / 2**s), half to even. It reads back as v
+ * when it lies inside v's rounding interval: |M * 2**s - m * 10**k| below
+ * half of 10**k (a quarter below v when m = 2**52, whose lower neighbour is
+ * twice as close), the bound itself counting when m is even (strtod rounds
+ * ties to even). If some p-digit decimal reads back as v the nearest one
+ * does, and when the shortest has fewer than 15 digits the nearest 15-digit
+ * one is it followed by zeros; so trying p = 15, 16, 17 and dropping trailing
+ * zeros gives repr's digits. 17 digits always read back. */
+typedef unsigned __int128 u128;
+static u128 P10[24]; /* 10**0 .. 10**23 */
 
-/* repr(v) for a finite, non-integral v when it has at most 9 decimals and
- * is at least 1e-4 (where repr uses fixed notation): the first k for which
- * round(v * 10**k) / 10**k == v gives the shortest digits that read back as
- * v, and they are unique because |M| < 2**52 makes 10**-k wider than an ulp.
- * Returns the length, or 0 to let PyOS_double_to_string do it. */
-static Py_ssize_t
-format_short_decimal(char *buf, double v)
+static void
+init_powers(void)
 {
-    double a = fabs(v);
-    if (a < 1e-4)
-        return 0;
-    for (int k = 1; k <= 9; k++) {
-        double m = nearbyint(a * POW10[k]);
-        if (m >= 4503599627370496.0) /* 2**52 */
+    P10[0] = 1;
+    for (int i = 1; i < 24; i++)
+        P10[i] = P10[i - 1] * 10;
+}
+
+/* The p-digit M and its k with M * 10**-k nearest m * 2**-s; 0 if k leaves the table. */
+static int
+nearest_digits(unsigned long long m, int s, int p, int k, unsigned long long *M, int *kout)
+{
+    for (int tries = 0; tries < 3; tries++) {
+        if (k < 0 || k > 22)
             return 0;
-        if (m / POW10[k] != a)
+        u128 x = (u128)m * P10[k];
+        u128 q = x >> s;
+        u128 r = x & ((((u128)1) << s) - 1);
+        u128 half = ((u128)1) << (s - 1);
+        if (r > half || (r == half && (q & 1)))
+            q++;
+        if (q >= P10[p]) {
+            k--;
             continue;
-        long long mi = (long long)m;
-        Py_ssize_t len = 0;
-        if (v < 0)
-            buf[len++] = '-';
-        len += format_int(buf + len, mi / IPOW10[k]);
-        buf[len++] = '.';
-        long long frac = mi % IPOW10[k];
-        for (int d = k - 1; d >= 0; d--) {
-            buf[len + d] = (char)('0' + frac % 10);
-            frac /= 10;
         }
-        return len + k;
+        if (q < P10[p - 1]) {
+            k++;
+            continue;
+        }
+        *M = (unsigned long long)q;
+        *kout = k;
+        return 1;
     }
     return 0;
+}
+
+static int
+reads_back(unsigned long long m, int s, unsigned long long M, int k)
+{
+    u128 a = ((u128)M) << s;
+    u128 x = (u128)m * P10[k];
+    u128 t = P10[k];
+    int even = !(m & 1);
+    if (a >= x) {
+        u128 d = a - x;
+        if (d >= t)
+            return 0;
+        return 2 * d < t || (2 * d == t && even);
+    }
+    u128 d = x - a;
+    if (d >= t)
+        return 0;
+    if (m == (1ULL << 52))
+        return 4 * d < t || (4 * d == t && even);
+    return 2 * d < t || (2 * d == t && even);
+}
+
+/* a = m * 2**-s >= 10**d, exactly (|d| <= 22 here). */
+static int
+at_least_pow10(unsigned long long m, int s, int d)
+{
+    if (d >= 0)
+        return (u128)m >= (P10[d] << s);
+    return (u128)m * P10[-d] >= (((u128)1) << s);
+}
+
+static Py_ssize_t
+format_shortest(char *buf, double v)
+{
+    double a = fabs(v);
+    if (!(a >= 1e-4 && a < 4503599627370496.0) || a == trunc(a))
+        return 0;
+    int e;
+    double f = frexp(a, &e); /* a = f * 2**e, 0.5 <= f < 1 */
+    unsigned long long m = (unsigned long long)ldexp(f, 53);
+    int s = 53 - e; /* a = m * 2**-s, 1 <= s <= 66 here */
+    /* log10 rounds up just below a power of ten: set the exponent exactly. */
+    int d10 = (int)floor(log10(a));
+    while (!at_least_pow10(m, s, d10))
+        d10--;
+    while (at_least_pow10(m, s, d10 + 1))
+        d10++;
+    unsigned long long M = 0;
+    int k = 0, found = 0;
+    for (int p = 15; p <= 17 && !found; p++) {
+        if (!nearest_digits(m, s, p, p - 1 - d10, &M, &k))
+            return 0;
+        found = reads_back(m, s, M, k);
+    }
+    if (!found)
+        return 0;
+    while (M % 10 == 0 && k > 0) {
+        M /= 10;
+        k--;
+    }
+    if (k <= 0)
+        return 0;
+    char dig[24];
+    int n = 0;
+    do {
+        dig[n++] = (char)('0' + M % 10);
+        M /= 10;
+    } while (M);
+    /* dig holds the n digits backwards; the point goes k digits from the right */
+    Py_ssize_t len = 0;
+    if (v < 0)
+        buf[len++] = '-';
+    if (n <= k) {
+        buf[len++] = '0';
+        buf[len++] = '.';
+        for (int i = 0; i < k - n; i++)
+            buf[len++] = '0';
+        while (n)
+            buf[len++] = dig[--n];
+    }
+    else {
+        while (n > k)
+            buf[len++] = dig[--n];
+        buf[len++] = '.';
+        while (n)
+            buf[len++] = dig[--n];
+    }
+    return len;
 }
 
 /* Appends " value timestamp\n" after the name. 1 written, 0 invalid point, <0 error. */
@@ -238,7 +343,7 @@ write_point(out_t *o, const char *name, Py_ssize_t name_len, PyObject *point, lo
         ts = now;
 
     /* value: exact for int64 and integral doubles below 2**53, else repr() */
-    char numbuf[32];
+    char numbuf[48];
     char *repr = NULL;
     const char *value;
     Py_ssize_t value_len;
@@ -257,7 +362,7 @@ write_point(out_t *o, const char *name, Py_ssize_t name_len, PyObject *point, lo
         value_len = format_int(numbuf, iv);
         value = numbuf;
     }
-    else if ((value_len = format_short_decimal(numbuf, dv)) > 0) {
+    else if ((value_len = format_shortest(numbuf, dv)) > 0) {
         value = numbuf;
     }
     else {
@@ -396,5 +501,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__lines(void)
 {
+    init_powers();
     return PyModule_Create(&module);
 }
