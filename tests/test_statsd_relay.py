@@ -219,7 +219,7 @@ def _udp_pair():
     return rx, tx
 
 
-@pytest.mark.skipif(not udpio.HAVE_C, reason="the _udpio extension is not built")
+@pytest.mark.skipif(not udpio.HAVE_C, reason="the _statsd extension is not built")
 def test_c_and_python_batched_io_agree():
     rx, tx = _udp_pair()
     with rx, tx:
@@ -239,6 +239,31 @@ def test_c_and_python_batched_io_agree():
                 send_many(tx.fileno(), ["text"])
             with pytest.raises(ValueError):
                 recv_many(rx.fileno(), 0)
+
+
+@pytest.mark.skipif(statsd.route is statsd.route_py, reason="the _statsd extension is not built")
+def test_c_and_python_routing_agree():
+    datagrams = _fuzz_datagrams(3000, seed=99)
+    data = b"".join(d + b"\n" for d in datagrams)
+    rng = random.Random(5)
+    count = 5
+    names = {line.split(b":", 1)[0] for d in datagrams for line in d.split(b"\n") if b":" in line}
+    # Half the names cached, some of them with a second choice.
+    first = {n: primary(n, count) for n in names if rng.random() < 0.5}
+    second = {n: rng.randrange(2 * count + 1) for n in first if rng.random() < 0.5}
+    usable = bytes([1, 0, 1, 1, 0])
+    results = []
+    for route in (statsd.route, statsd.route_py):
+        pending = [[] for _ in range(2 * count + 1)]
+        metrics, malformed, misses = route(data, first, usable, second, pending)
+        results.append((metrics, malformed, misses, pending))
+    assert results[0] == results[1]
+    metrics, malformed, misses, pending = results[0]
+    assert metrics > 10000 and malformed > 1000 and misses and all(pending)
+    with pytest.raises(ValueError):
+        statsd.route(data, first, usable, second, [[]])
+    with pytest.raises(ValueError):
+        statsd.route(b"a:1|c", {b"a": 7}, usable, second, pending)
 
 
 # ---------------------------------------------------------------- the worker
@@ -279,9 +304,15 @@ class _Sinks:
                     self.last_arrival = time.monotonic()
 
     def drain(self, quiet: float = 0.3) -> None:
-        """Return once nothing arrived for `quiet` seconds."""
-        while time.monotonic() - self.last_arrival < quiet:
+        """Return once nothing arrived for `quiet` seconds (from now at least)."""
+        start = time.monotonic()
+        while time.monotonic() - max(self.last_arrival, start) < quiet:
             time.sleep(0.02)
+
+    def wait_lines(self, count: int, timeout: float = 30.0) -> None:
+        """Wait for `count` metric lines in all, then for stragglers beyond them."""
+        _wait_for(lambda: sum(len(self.lines(i)) for i in range(len(self.socks))) >= count, timeout)
+        self.drain()
 
     def lines(self, index: int) -> list[bytes]:
         return [line for d in self.datagrams[index] for line in d.split(b"\n") if line]
@@ -314,8 +345,8 @@ def test_worker_routes_batches_and_counts():
     worker.handle(3, data)
     worker.flush()
     worker.publish()
-    sinks.drain()
     try:
+        sinks.wait_lines(501)
         for index in range(4):
             for datagram in sinks.datagrams[index]:
                 assert len(datagram) <= 200 or datagram == long_line
@@ -342,9 +373,11 @@ def test_worker_reroutes_after_a_health_change_and_counts_it():
     data = b"\n".join(name + b":1|c" for name in names)
     try:
 
-        def round_robin() -> dict[bytes, int]:
+        def one_round() -> dict[bytes, int]:
             worker.handle(1, data)
             worker.flush()
+            if worker.usable != [False, False, False]:
+                sinks.wait_lines(len(names))
             sinks.drain()
             placed = {}
             for index in range(3):
@@ -353,13 +386,13 @@ def test_worker_reroutes_after_a_health_change_and_counts_it():
             sinks.clear()
             return placed
 
-        before = round_robin()
+        before = one_round()
         worker.state.set_usable([True, False, True])
         worker.refresh_health()
-        after = round_robin()
+        after = one_round()
         worker.state.set_usable([False, False, False])
         worker.refresh_health()
-        assert round_robin() == {}
+        assert one_round() == {}
         held_out = [n for n in names if primary(n, 3) == 1]
         assert worker.counters[statsd.C_REROUTED] == len(held_out)
         assert worker.counters[statsd.C_NO_BACKEND] == len(names)
@@ -602,7 +635,7 @@ def test_daemon_routes_reroutes_answers_health_and_reports(tmp_path):
         assert _admin(relay.admin_port, "health") == "health: up\n"
         names = _random_names(2000, seed=5)
         relay.send([name + b":1|c" for name in names])
-        relay.sinks.drain()
+        relay.sinks.wait_lines(len(names))
         placed = {}
         for index in range(3):
             for line in relay.sinks.lines(index):
@@ -614,7 +647,7 @@ def test_daemon_routes_reroutes_answers_health_and_reports(tmp_path):
         _wait_for(lambda: " out " in _admin(relay.admin_port, "backends").splitlines()[1])
         relay.sinks.clear()
         relay.send([name + b":1|c" for name in names])
-        relay.sinks.drain()
+        relay.sinks.wait_lines(len(names))
         assert relay.sinks.lines(1) == []
         for index in (0, 2):
             for line in relay.sinks.lines(index):

@@ -68,6 +68,10 @@ DEFAULT_CACHE_SIZE = 500_000
 RECV_BATCH = 256
 # Metric lines buffered before a flush even while the socket never drains.
 FLUSH_LINES = 4096
+# A drained socket after at least this many lines means load: nap
+# COALESCE_SECONDS before reading again rather than wait in poll().
+COALESCE_LINES = 32
+COALESCE_SECONDS = 0.0005
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # Counters each worker publishes (cumulative), in this order, followed by the
@@ -238,6 +242,50 @@ def place(name: bytes, usable: Sequence[bool]) -> int | None:
     return None
 
 
+def route_py(
+    data: bytes,
+    first: dict[bytes, int],
+    usable: bytes,
+    second: dict[bytes, int],
+    pending: list[list[bytes]],
+) -> tuple[int, int, list[tuple[bytes, bytes]]]:
+    """Sort the metric lines of `data` into `pending` by cached placement.
+
+    A line is `name:value|type...`: a name of at least one byte before the
+    first ':' and a '|' after it, or it is malformed (counted, dropped).
+    Empty lines are not metrics. A routable line goes to
+    `pending[first[name]]` when that backend is usable (`usable[i]` non-zero),
+    else to `pending[second[name]]`; a name missing from the cache it needs
+    is returned in `misses` as `(name, line)` for the caller to hash. Returns
+    `(metrics, malformed, misses)`. The C extension's `route` is this loop.
+    """
+    metrics = malformed = 0
+    misses = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        metrics += 1
+        colon = line.find(b":")
+        if colon < 1 or line.find(b"|", colon) < 0:
+            malformed += 1
+            continue
+        name = line[:colon]
+        index = first.get(name)
+        if index is not None and not usable[index]:
+            index = second.get(name)
+        if index is None:
+            misses.append((name, line))
+        else:
+            pending[index].append(line)
+    return metrics, malformed, misses
+
+
+try:
+    from carbonscale.relay._statsd import route
+except ImportError:  # a checkout whose extension was not compiled
+    route = route_py
+
+
 # --------------------------------------------------------------------------
 # Shared state between the supervisor and the workers
 
@@ -341,6 +389,7 @@ class Worker:
         self.forwarded = [array[base + len(COUNTERS) + i] for i in range(self.count)]
         self.generation = -1
         self.usable: list[bool] = [True] * self.count
+        self.usable_flags = bytes(self.usable)
         self.refresh_health()
         self.stop = False
 
@@ -358,6 +407,7 @@ class Worker:
         if generation != self.generation:
             self.generation = generation
             self.usable = self.state.usable()
+            self.usable_flags = bytes(self.usable)
             self.second.clear()
 
     def publish(self) -> None:
@@ -370,33 +420,26 @@ class Worker:
 
     def handle(self, count: int, data: bytes) -> None:
         """Route one batch: `count` datagrams joined by newlines in `data`."""
-        lines = data.split(b"\n")
-        empty = lines.count(b"")
+        metrics, malformed, misses = route(
+            data, self.first, self.usable_flags, self.second, self.pending
+        )
         counters = self.counters
         counters[C_DATAGRAMS] += count
-        counters[C_METRICS] += len(lines) - empty
-        self.pending_lines += len(lines)
-        first, second, usable, pending = self.first, self.second, self.usable, self.pending
-        malformed = 0
-        for line in lines:
-            if not line:
-                continue
-            colon = line.find(b":")
-            if colon < 1 or line.find(b"|", colon) < 0:
-                malformed += 1
-                continue
-            name = line[:colon]
-            index = first.get(name)
+        counters[C_METRICS] += metrics
+        counters[C_MALFORMED] += malformed
+        self.pending_lines += metrics
+        # Names not in the caches yet: hash them (carbonscale.ring), remember.
+        for name, line in misses:
+            index = self.first.get(name)
             if index is None:
                 index = self._first_choice(name)
-            if usable[index]:
-                pending[index].append(line)
+            if self.usable[index]:
+                self.pending[index].append(line)
             else:
-                slot = second.get(name)
+                slot = self.second.get(name)
                 if slot is None:
                     slot = self._second_choice(name)
-                pending[slot].append(line)
-        counters[C_MALFORMED] += malformed
+                self.pending[slot].append(line)
 
     def _first_choice(self, name: bytes) -> int:
         if len(self.first) >= self.cache_size:
@@ -481,11 +524,18 @@ class Worker:
                     self.flush()
                     self.publish()
                 continue
-            # Drained: send what is batched, then sleep until datagrams come.
+            # Drained: send what is batched, then wait for more.
+            busy = self.pending_lines >= COALESCE_LINES
             if self.pending_lines:
                 self.flush()
             self.publish()
-            poller.poll(500)
+            if busy:
+                # Under load, nap instead of sleeping in poll(): the senders
+                # then never pay for waking us, and the next read gets a
+                # full batch. Costs at most this much latency.
+                time.sleep(COALESCE_SECONDS)
+            else:
+                poller.poll(500)
         self.flush()
         self.publish()
 

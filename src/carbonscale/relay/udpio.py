@@ -7,7 +7,7 @@ newline, so `data.split(b"\\n")` gives every metric line of the batch;
 bytes objects on a connected socket and returns how many went out before it
 would block.
 
-The C extension `carbonscale.relay._udpio` does each with one recvmmsg(2) or
+The C extension `carbonscale.relay._statsd` does each with one recvmmsg(2) or
 sendmmsg(2) system call (about 5x fewer cycles a datagram than a Python
 loop). The functions below are its reference and the fallback when the
 extension was not built; tests check the two agree.
@@ -24,8 +24,8 @@ MAX_BATCH = 1024
 MAX_DATAGRAM = 65536
 
 try:
-    from carbonscale.relay._udpio import recv_many as _recv_many_c
-    from carbonscale.relay._udpio import send_many as _send_many_c
+    from carbonscale.relay._statsd import recv_many as _recv_many_c
+    from carbonscale.relay._statsd import send_many as _send_many_c
 except ImportError:  # a checkout whose extension was not compiled
     _recv_many_c = _send_many_c = None
 

@@ -1,9 +1,10 @@
-/* Batched UDP I/O for the statsd relay and its benchmark: recvmmsg(2) and
- * sendmmsg(2), one system call for up to hundreds of datagrams.
+/* The statsd relay's hot path: batched UDP I/O (recvmmsg(2), sendmmsg(2):
+ * one system call for hundreds of datagrams) and the per-line routing loop.
  *
- * The hashing and the routing stay in Python (carbonscale.ring,
- * carbonscale.relay.statsd); this module only moves bytes. Its pure Python
- * twin is carbonscale.relay.udpio, used when the extension was not built.
+ * Hashing stays in Python (carbonscale.ring): route() only looks names up in
+ * the caches the relay keeps and hands back the names it has not seen. The
+ * pure Python twins are carbonscale.relay.udpio (I/O) and route_py in
+ * carbonscale.relay.statsd, used when the extension was not built.
  *
  *   recv_many(fd, max_msgs) -> (count, data)
  *       Read up to max_msgs datagrams without blocking. data is every
@@ -12,6 +13,8 @@
  *   send_many(fd, datagrams) -> int
  *       Send a sequence of bytes on a connected socket; returns how many
  *       were sent before the socket would block.
+ *   route(data, first, usable, second, pending) -> (metrics, malformed, misses)
+ *       See route_py in statsd.py: the same, line for line.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -136,6 +139,103 @@ static PyObject *send_many(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(sent);
 }
 
+
+/* Slot of a cached index object, or -1 (with an exception) when it is not an
+ * integer in [0, limit). */
+static Py_ssize_t slot_of(PyObject *value, Py_ssize_t limit) {
+    Py_ssize_t slot = PyLong_AsSsize_t(value);
+    if (slot == -1 && PyErr_Occurred()) return -1;
+    if (slot < 0 || slot >= limit) {
+        PyErr_SetString(PyExc_ValueError, "cached backend index out of range");
+        return -1;
+    }
+    return slot;
+}
+
+static PyObject *route(PyObject *self, PyObject *args) {
+    Py_buffer data, usable;
+    PyObject *first, *second, *pending;
+    if (!PyArg_ParseTuple(args, "y*O!y*O!O!", &data, &PyDict_Type, &first, &usable,
+                          &PyDict_Type, &second, &PyList_Type, &pending))
+        return NULL;
+    PyObject *misses = NULL;
+    const Py_ssize_t count = usable.len;
+    const unsigned char *up = usable.buf;
+    if (PyList_GET_SIZE(pending) != 2 * count + 1) {
+        PyErr_SetString(PyExc_ValueError, "pending needs 2 * backends + 1 lists");
+        goto fail;
+    }
+    misses = PyList_New(0);
+    if (!misses) goto fail;
+    Py_ssize_t metrics = 0, malformed = 0;
+    const char *p = data.buf, *end = p + data.len;
+    while (p < end) {
+        const char *newline = memchr(p, '\n', (size_t)(end - p));
+        const char *line_end = newline ? newline : end;
+        Py_ssize_t length = line_end - p;
+        if (length) {
+            metrics++;
+            const char *colon = memchr(p, ':', (size_t)length);
+            if (!colon || colon == p || !memchr(colon, '|', (size_t)(line_end - colon))) {
+                malformed++;
+            } else {
+                PyObject *name = PyBytes_FromStringAndSize(p, colon - p);
+                PyObject *line = name ? PyBytes_FromStringAndSize(p, length) : NULL;
+                if (!line) {
+                    Py_XDECREF(name);
+                    goto fail;
+                }
+                PyObject *target = NULL; /* borrowed: the list the line goes to */
+                PyObject *index = PyDict_GetItemWithError(first, name);
+                if (index) {
+                    Py_ssize_t slot = slot_of(index, count);
+                    if (slot < 0) goto fail_line;
+                    if (!up[slot]) {
+                        PyObject *rerouted = PyDict_GetItemWithError(second, name);
+                        if (rerouted) {
+                            slot = slot_of(rerouted, 2 * count + 1);
+                            if (slot < 0) goto fail_line;
+                        } else if (PyErr_Occurred()) {
+                            goto fail_line;
+                        } else {
+                            slot = -1;
+                        }
+                    }
+                    if (slot >= 0) target = PyList_GET_ITEM(pending, slot);
+                } else if (PyErr_Occurred()) {
+                    goto fail_line;
+                }
+                int failed;
+                if (target) {
+                    failed = PyList_Append(target, line);
+                } else {
+                    PyObject *miss = PyTuple_Pack(2, name, line);
+                    failed = !miss || PyList_Append(misses, miss);
+                    Py_XDECREF(miss);
+                }
+                Py_DECREF(name);
+                Py_DECREF(line);
+                if (failed) goto fail;
+                goto next;
+            fail_line:
+                Py_DECREF(name);
+                Py_DECREF(line);
+                goto fail;
+            }
+        }
+    next:
+        p = line_end + 1;
+    }
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&usable);
+    return Py_BuildValue("nnN", metrics, malformed, misses);
+fail:
+    Py_XDECREF(misses);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&usable);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"recv_many", recv_many, METH_VARARGS,
      "recv_many(fd, max_msgs) -> (count, data): up to max_msgs datagrams, each followed by "
@@ -143,12 +243,15 @@ static PyMethodDef methods[] = {
     {"send_many", send_many, METH_VARARGS,
      "send_many(fd, datagrams) -> int: send bytes objects on a connected socket with "
      "sendmmsg; returns how many were sent before it would block."},
+    {"route", route, METH_VARARGS,
+     "route(data, first, usable, second, pending) -> (metrics, malformed, misses): "
+     "route_py in carbonscale.relay.statsd, in C."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "carbonscale.relay._udpio",
-    "recvmmsg/sendmmsg batching for the statsd relay (see udpio.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "carbonscale.relay._statsd",
+    "The statsd relay's hot path (see udpio.py and statsd.route_py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__udpio(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__statsd(void) { return PyModule_Create(&module); }
