@@ -9,6 +9,11 @@ missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
+# node and npm run statsd's proxy.js in bench/statsd_relay.py. Checked as
+# commands: a nodejs from elsewhere (NodeSource) bundles npm and conflicts
+# with Debian's npm package.
+command -v node >/dev/null || missing="$missing nodejs"
+command -v npm >/dev/null || missing="$missing npm"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages:$missing; install them with: sudo apt-get install$missing" >&2
