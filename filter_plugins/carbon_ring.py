@@ -45,7 +45,9 @@ def _instance_member(host: str, address: str, instance: object, position: int) -
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise AnsibleFilterError(f"{where} ({name}) needs line_port in 1-65535, got {port!r}")
     try:
-        return parse_member(f"{address}:{port}={name}")
+        # An IPv6 carbonscale_address needs brackets in member syntax.
+        host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+        return parse_member(f"{host}:{port}={name}")
     except CarbonscaleError as exc:
         raise AnsibleFilterError(f"{where}: {exc}") from exc
 

@@ -52,8 +52,10 @@ HASH_TYPES = ("carbon_ch", "fnv1a_ch", "jump_fnv1a_ch")
 COMPATS = ("carbon-c-relay", "carbon")
 DEFAULT_PORT = 2003
 RING_REPLICAS = 100
-# carbon-c-relay's CONN_DESTS_SIZE: members a cluster may have.
-RELAY_MAX_MEMBERS = 128
+# carbon-c-relay's CONN_DESTS_SIZE: members a cluster may have. 64 in 3.7.3 and
+# upstream router.h (measured: 65 members make 3.7.3 print "nodes in use
+# exceeds CONN_DESTS_SIZE" and abort), although shared/reference says 128.
+RELAY_MAX_MEMBERS = 64
 POSITIONS = 65536
 
 FNV32_OFFSET = 0x811C9DC5
@@ -464,8 +466,9 @@ class Ring:
             raise CarbonscaleError("a ring needs at least one member")
         if self.compat == "carbon-c-relay" and len(self.members) > RELAY_MAX_MEMBERS:
             raise CarbonscaleError(
-                f"{len(self.members)} members: carbon-c-relay allows at most "
-                f"{RELAY_MAX_MEMBERS} in one cluster"
+                f"{len(self.members)} members: carbon-c-relay accepts at most "
+                f"{RELAY_MAX_MEMBERS} in one cluster (CONN_DESTS_SIZE); split the ring "
+                f"or use --compat carbon"
             )
         seen: dict[tuple, Member] = {}
         for member in self.members:
@@ -656,6 +659,19 @@ class Ring:
         data = name.encode() if isinstance(name, str) else name
         return [self.members[i] for i in self.locate_batch([data])[0]]
 
+    def shadowed_members(self) -> list[Member]:
+        """Members that own no ring entry, so receive nothing.
+
+        A member whose every ring key equals another's loses all collisions:
+        with fnv1a_ch the key is the instance alone, so ``s1:2103=a`` and
+        ``s2:2103=a`` collide on all 100 entries and s2 never gets a metric.
+        carbon-c-relay accepts such a cluster silently; we say so.
+        """
+        if self.hash_type == "jump_fnv1a_ch":
+            return []
+        owning = set(self.ring_owners.tolist())
+        return [m for i, m in enumerate(self.members) if i not in owning]
+
     def primary_share_of_positions(self) -> np.ndarray:
         """Fraction of the 65536 metric positions whose primary is each member."""
         if self.hash_type == "jump_fnv1a_ch":
@@ -688,7 +704,11 @@ def _tokens(text: str) -> list[str]:
     out = []
     for line in text.splitlines():
         line = line.split("#", 1)[0]
-        out.extend(re.findall(r'"[^"]*"|;|[^\s;]+', line))
+        # carbon-c-relay accepts any word quoted ("new" is the cluster new).
+        out.extend(
+            token[1:-1] if token.startswith('"') else token
+            for token in re.findall(r'"[^"]*"|;|[^\s;]+', line)
+        )
     return out
 
 

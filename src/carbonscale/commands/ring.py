@@ -80,10 +80,27 @@ def make_ring(
     return Ring([parse_member(m) for m in members], hash_type, compat, replication)
 
 
+def shadowed_warning(ring: Ring) -> str | None:
+    """A warning naming members that can never receive a metric, if any."""
+    shadowed = ring.shadowed_members()
+    if not shadowed:
+        return None
+    why = " (fnv1a_ch hashes the instance alone: give every member its own instance)"
+    return (
+        f"{len(shadowed)} member(s) own no ring position and receive nothing: "
+        + ", ".join(str(m) for m in shadowed)
+        + (why if ring.hash_type == "fnv1a_ch" else "")
+    )
+
+
 def _ring_from(args: argparse.Namespace) -> Ring:
-    return make_ring(
+    ring = make_ring(
         args.members, args.hash, args.compat, args.replication, args.relay_config, args.cluster
     )
+    warning = shadowed_warning(ring)
+    if warning:
+        print(f"carbonscale: warning: {warning}", file=sys.stderr)
+    return ring
 
 
 def read_blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:
@@ -236,6 +253,10 @@ def run_diff(args: argparse.Namespace) -> int:
         args.new, args.new_hash or args.hash, args.compat, args.new_replication or args.replication,
         args.new_relay_config, args.new_cluster, "new ",
     )  # fmt: skip
+    for side, ring in (("old", old), ("new", new)):
+        warning = shadowed_warning(ring)
+        if warning:
+            print(f"carbonscale: warning: {side} ring: {warning}", file=sys.stderr)
     diff = RingDiff(old, new)
     out = sys.stdout.buffer
     for names in read_names(sys.stdin.buffer):
