@@ -113,9 +113,30 @@ def carbon_ring_owners(
         raise AnsibleFilterError(f"carbon_ring_owners: {exc}") from exc
 
 
+def carbon_ring_shadowed(
+    members: list[str],
+    hash: str = "carbon_ch",
+    replication: int = 1,
+    compat: str = "carbon-c-relay",
+) -> list[str]:
+    """Members that would receive no metric (their every ring key collides).
+
+    A relay role asserts this is empty before rendering: carbon-c-relay accepts
+    such a cluster silently (fnv1a_ch keys on the instance alone, so `a` on two
+    hosts is one member twice).
+    """
+    _require_carbonscale()
+    try:
+        ring = _ring(tuple(members), hash, int(replication), compat)
+    except CarbonscaleError as exc:
+        raise AnsibleFilterError(f"carbon_ring_shadowed: {exc}") from exc
+    return [member.relay_syntax for member in ring.shadowed_members()]
+
+
 class FilterModule:
     def filters(self):
         return {
             "carbon_ring_members": carbon_ring_members,
             "carbon_ring_owners": carbon_ring_owners,
+            "carbon_ring_shadowed": carbon_ring_shadowed,
         }

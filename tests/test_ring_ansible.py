@@ -215,3 +215,23 @@ def test_module_warns_about_members_that_receive_nothing(tmp_path):
     )
     assert run.returncode == 0, run.stdout
     assert any("10.1.0.2:2103=a" in w for w in task_results(run)[0]["warnings"])
+
+
+@needs_ansible
+def test_shadowed_filter_names_the_members_that_get_nothing(tmp_path):
+    run = playbook(
+        tmp_path,
+        """\
+    - name: Shadowed members per hash
+      vars:
+        members: "{{ groups['storage'] | carbon_ring_members(hostvars) }}"
+      ansible.builtin.set_fact:
+        fnv: "{{ members | carbon_ring_shadowed(hash='fnv1a_ch') }}"
+        ch: "{{ members | carbon_ring_shadowed(hash='carbon_ch') }}"
+""",
+    )
+    assert run.returncode == 0, run.stdout
+    facts = task_results(run)[0]["ansible_facts"]
+    # Instances a, b, a, b, a under fnv1a_ch: only the first a and first b own entries.
+    assert facts["fnv"] == ["10.1.0.2:2103=a", "10.1.0.2:2203=b", "[2001:db8::3]:2103=a"]
+    assert facts["ch"] == []
