@@ -7,6 +7,7 @@ its answers are checked against the library and against carbon-c-relay -t.
 
 from __future__ import annotations
 
+import io
 import random
 import subprocess
 import sys
@@ -403,3 +404,25 @@ def test_shared_fnv1a_instances_are_shadowed_here_and_in_the_relay(tmp_path):
     assert result.returncode == 0
     assert "10.1.0.2:2103" not in result.stdout.decode()
     assert "warning" in result.stderr.decode() and "10.1.0.2:2103=a" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("hash_type", ["carbon_ch", "fnv1a_ch", "jump_fnv1a_ch"])
+def test_c_block_loop_equals_the_python_path(hash_type):
+    """_ringhash.locate_block (the locate verb's C loop) against names_in + join_lines."""
+    from carbonscale.commands.ring import Locator, locate_stream
+
+    ring = Ring([parse_member(m) for m in MEMBERS], hash_type, replication=3)
+    fast = Locator(ring)
+    assert fast.block_args is not None, "the C loop is built"
+    slow = Locator(ring)
+    slow.block_args = None
+    lines = [f"{n} 1 1700000000" for n in names(20000, seed=9)]
+    lines[10:10] = ["", "   ", "\tlead.tab 1", "trail.space   ", "cr.end\r", "vt\x0bsep", "ff\x0c"]
+    data = ("\n".join(lines)).encode()  # the last line has no newline
+    outputs = []
+    for locator in (fast, slow):
+        out = io.BytesIO()
+        locate_stream(locator, io.BytesIO(data), out)
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count(b"\n") == len(lines) - 2

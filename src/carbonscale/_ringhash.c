@@ -9,6 +9,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define FNV32_OFFSET 2166136261U
@@ -283,7 +284,159 @@ done:
 	return out;
 }
 
+/* locate_block(block: bytes, kind: int, signed_char: bool, table: bytes (int64),
+ *              suffixes: list[bytes], order: bytes (int64), replication: int) -> bytes
+ * The whole of `carbonscale ring locate` for one block of lines: the metric is
+ * the first whitespace-separated field of each line (blank lines are skipped);
+ * it is written followed by its owner text suffixes[i], where i is
+ *   kind 0 (carbon_ch):     table[md5 position]
+ *   kind 1 (fnv1a_ch):      table[fnv1a_32 position]
+ *   kind 2 (jump_fnv1a_ch): the owner row's code (members in base len(order)).
+ * The Python path (names_in + positions + join_lines) is the reference twin. */
+static int
+is_space(unsigned char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
+static PyObject *
+ringhash_locate_block(PyObject *self, PyObject *args)
+{
+	Py_buffer block, table, order;
+	PyObject *suffixes;
+	int kind, signed_char, replication;
+	if (!PyArg_ParseTuple(args, "y*ipy*O!y*i", &block, &kind, &signed_char, &table,
+			      &PyList_Type, &suffixes, &order, &replication))
+		return NULL;
+	PyObject *out = NULL;
+	char *w = NULL;
+	const char **stext = NULL;
+	Py_ssize_t *slens = NULL;
+	Py_ssize_t cap = 0, used = 0;
+	int bad_index = 0;
+	Py_ssize_t nsuffix = PyList_GET_SIZE(suffixes);
+	Py_ssize_t ntable = table.len / (Py_ssize_t)sizeof(int64_t);
+	Py_ssize_t buckets = order.len / (Py_ssize_t)sizeof(int64_t);
+	const int64_t *tab = (const int64_t *)table.buf;
+	const int64_t *base = (const int64_t *)order.buf;
+	int64_t list[4096];
+	int nomem = 0;
+	if (kind < 0 || kind > 2 || (kind < 2 && ntable != 65536) ||
+	    (kind == 2 && (replication < 1 || replication > buckets || buckets > 4096))) {
+		PyErr_SetString(PyExc_ValueError, "bad kind, table or replication");
+		goto done;
+	}
+	/* The suffix texts are read while the GIL is released (another thread
+	 * formats the next block meanwhile): take plain pointers first. The
+	 * list and its bytes stay alive: the caller holds them. */
+	stext = PyMem_Malloc((nsuffix + 1) * sizeof *stext);
+	slens = PyMem_Malloc((nsuffix + 1) * sizeof *slens);
+	if (stext == NULL || slens == NULL) {
+		PyErr_NoMemory();
+		goto done;
+	}
+	for (Py_ssize_t i = 0; i < nsuffix; i++) {
+		PyObject *item = PyList_GET_ITEM(suffixes, i);
+		if (!PyBytes_Check(item)) {
+			PyErr_SetString(PyExc_TypeError, "suffixes must be bytes");
+			goto done;
+		}
+		stext[i] = PyBytes_AS_STRING(item);
+		slens[i] = PyBytes_GET_SIZE(item);
+	}
+	cap = block.len * 2 + 4096;
+	Py_BEGIN_ALLOW_THREADS
+	w = malloc(cap);
+	if (w == NULL)
+		nomem = 1;
+	const unsigned char *p = (const unsigned char *)block.buf;
+	const unsigned char *end = p + block.len;
+	while (!nomem && p < end) {
+		const unsigned char *eol = memchr(p, '\n', end - p);
+		if (eol == NULL)
+			eol = end;
+		const unsigned char *name = p;
+		while (name < eol && is_space(*name))
+			name++;
+		const unsigned char *stop = name;
+		while (stop < eol && !is_space(*stop))
+			stop++;
+		p = eol + 1;
+		if (stop == name)
+			continue;
+		Py_ssize_t len = stop - name;
+		int64_t index;
+		if (kind == 0) {
+			index = tab[md5_position(name, len)];
+		} else if (kind == 1) {
+			uint32_t h = FNV32_OFFSET;
+			for (Py_ssize_t k = 0; k < len; k++) {
+				uint32_t c = signed_char ? (uint32_t)(int32_t)(int8_t)name[k] : name[k];
+				h = (h ^ c) * FNV32_PRIME;
+			}
+			index = tab[(h >> 16) ^ (h & 0xffff)];
+		} else {
+			uint64_t h = FNV64_OFFSET;
+			for (Py_ssize_t k = 0; k < len; k++) {
+				uint64_t c = signed_char ? (uint64_t)(int64_t)(int8_t)name[k] : name[k];
+				h = (h ^ c) * FNV64_PRIME;
+			}
+			Py_ssize_t alive = buckets;
+			if (replication > 1)
+				memcpy(list, base, buckets * sizeof(int64_t));
+			const int64_t *current = replication > 1 ? list : base;
+			index = 0;
+			for (int r = 0; r < replication; r++) {
+				int64_t pick = jump(h, alive);
+				index = index * buckets + current[pick];
+				if (r + 1 == replication)
+					break;
+				h ^= h >> 12;
+				h ^= h << 25;
+				h ^= h >> 27;
+				h *= 2685821657736338717ULL;
+				list[pick] = list[--alive];
+			}
+		}
+		if (index < 0 || index >= nsuffix) {
+			bad_index = 1;
+			break;
+		}
+		Py_ssize_t slen = slens[index];
+		if (used + len + slen > cap) {
+			cap = (used + len + slen) * 2;
+			char *grown = realloc(w, cap);
+			if (grown == NULL) {
+				nomem = 1;
+				break;
+			}
+			w = grown;
+		}
+		memcpy(w + used, name, len);
+		used += len;
+		memcpy(w + used, stext[index], slen);
+		used += slen;
+	}
+	Py_END_ALLOW_THREADS
+	if (nomem)
+		PyErr_NoMemory();
+	else if (bad_index)
+		PyErr_SetString(PyExc_IndexError, "owner text index out of range");
+	else
+		out = PyBytes_FromStringAndSize(w, used);
+done:
+	free(w);
+	PyMem_Free(stext);
+	PyMem_Free(slens);
+	PyBuffer_Release(&block);
+	PyBuffer_Release(&table);
+	PyBuffer_Release(&order);
+	return out;
+}
+
 static PyMethodDef ringhash_methods[] = {
+	{"locate_block", ringhash_locate_block, METH_VARARGS,
+	 "Owner lines for a block of metric lines (the locate verb's inner loop)."},
 	{"join_lines", ringhash_join_lines, METH_VARARGS,
 	 "Concatenate names[i] + suffixes[indices[i]] for all i."},
 	{"fnv1a", ringhash_fnv1a, METH_VARARGS, "FNV-1a of a list of bytes, packed."},

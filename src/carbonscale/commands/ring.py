@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
@@ -23,7 +25,7 @@ from carbonscale.ring import (
 )
 from carbonscale.ring import _ringhash as _ringhash
 
-BLOCK_BYTES = 1 << 22  # read and write in 4 MiB blocks
+BLOCK_BYTES = 1 << 20  # read and write in 1 MiB blocks (two threads format them)
 SAMPLE_NAMES = 100_000
 
 
@@ -125,19 +127,23 @@ def read_blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:
             return
 
 
+def check_utf8(block: bytes, line_no: int = 1) -> None:
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = line_no + block.count(b"\n", 0, exc.start)
+        raise CarbonscaleError(f"line {bad}: metric name is not valid UTF-8") from exc
+
+
 def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
     """Metric names of a block of lines: the first whitespace-separated field.
 
     Invalid UTF-8 stops everything with the line number: a name the relay
     would route is a name we must be able to print and compare.
     """
-    try:
-        block.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        bad = line_no + block.count(b"\n", 0, exc.start)
-        raise CarbonscaleError(f"line {bad}: metric name is not valid UTF-8") from exc
+    check_utf8(block, line_no)
     lines = block.split(b"\n")
-    if b" " in block or b"\t" in block or b"\r" in block:
+    if any(space in block for space in (b" ", b"\t", b"\r", b"\x0b", b"\x0c")):
         return [fields[0] for fields in map(bytes.split, lines) if fields]
     if lines[-1] == b"" and b"\n\n" not in block and not block.startswith(b"\n"):
         return lines[:-1]  # the common case: no blank lines
@@ -207,11 +213,21 @@ class Locator:
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
         self.code_table: list[bytes] | None = None
+        # Arguments of _ringhash.locate_block, which does a whole block in C.
+        self.block_args: tuple | None = None
         if ring.hash_type != "jump_fnv1a_ch":
             rows = ring._owner_rows[ring._start_of_position]
             self.position_texts, self.position_index = _suffix_table(ring, rows)
+            kind = 0 if ring.hash_type == "carbon_ch" else 1
+            table = self.position_index.astype(np.int64).tobytes()
+            self.block_args = (kind, ring.signed_char, table, self.position_texts, b"", 1)
         else:
             self.code_table = _code_table(ring)
+            if self.code_table is not None:
+                order = ring.bucket_order.astype(np.int64).tobytes()
+                self.block_args = (2, True, b"", self.code_table, order, ring.replication)
+        if _ringhash is None or not hasattr(_ringhash, "locate_block"):
+            self.block_args = None
 
     def format(self, names: list[bytes]) -> bytes:
         if self.ring.hash_type != "jump_fnv1a_ch":
@@ -224,14 +240,31 @@ class Locator:
         return join_lines(names, texts, indices)
 
     def format_block(self, block: bytes, line_no: int) -> bytes:
+        if self.block_args is not None:
+            check_utf8(block, line_no)
+            return _ringhash.locate_block(block, *self.block_args)
         names = names_in(block, line_no)
         return self.format(names) if names else b""
 
 
 def locate_stream(locator: Locator, source: BinaryIO, out: BinaryIO) -> None:
-    """Stream source to out block by block: memory stays flat on any input size."""
-    for block in read_blocks(source):
-        out.write(locator.format_block(*block))
+    """Stream source to out block by block: memory stays flat on any input size.
+
+    With the C loop (which releases the GIL) a second thread formats the next
+    block while this one reads and writes; output order is input order.
+    """
+    if locator.block_args is None:
+        for block in read_blocks(source):
+            out.write(locator.format_block(*block))
+        return
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: deque[Future[bytes]] = deque()
+        for block in read_blocks(source):
+            pending.append(pool.submit(locator.format_block, *block))
+            if len(pending) > 2:
+                out.write(pending.popleft().result())
+        while pending:
+            out.write(pending.popleft().result())
 
 
 # ----- verbs ---------------------------------------------------------------
