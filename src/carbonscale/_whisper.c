@@ -1,0 +1,485 @@
+/*
+ * carbonscale._whisper: the merge of carbonscale.whisper.plan_fill in C.
+ *
+ * plan(src: bytes, dst: bytes, now: int) -> (points: int, writes: list[(offset, bytes)])
+ *
+ * Both buffers must be whole whisper files whose headers carbonscale.whisper
+ * .parse_header accepted (this code re-reads the header but trusts it). The
+ * rules are those of the module docstring of carbonscale/whisper.py; the numpy
+ * implementation there (plan_fill) is the reference twin, and the tests check
+ * that both return exactly the same writes. The GIL is released while merging,
+ * so --jobs runs files on threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define POINT 12
+#define MAX_ARCHIVES 1024
+
+enum { AVERAGE = 1, SUM, LAST, MAX, MIN, AVG_ZERO, ABSMAX, ABSMIN };
+
+typedef struct {
+	int64_t offset, step, points;
+} archive_t;
+
+typedef struct {
+	int aggregation;
+	double xff;
+	int count;
+	archive_t archives[MAX_ARCHIVES];
+} header_t;
+
+/* An archive's window: interval start + i*step is values[i] when known[i]. */
+typedef struct {
+	int64_t start, step, n, first; /* first: slot of `start`, -1 when empty */
+	double *values;
+	unsigned char *known;
+} line_t;
+
+static uint32_t
+be32(const unsigned char *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return __builtin_bswap32(v);
+}
+
+static double
+be_double(const unsigned char *p)
+{
+	uint64_t v;
+	double d;
+	memcpy(&v, p, 8);
+	v = __builtin_bswap64(v);
+	memcpy(&d, &v, 8);
+	return d;
+}
+
+static void
+put_point(unsigned char *p, uint32_t t, double value)
+{
+	uint64_t v;
+	t = __builtin_bswap32(t);
+	memcpy(p, &t, 4);
+	memcpy(&v, &value, 8);
+	v = __builtin_bswap64(v);
+	memcpy(p + 4, &v, 8);
+}
+
+static int64_t
+floor_div(int64_t a, int64_t b)
+{
+	int64_t q = a / b;
+	return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+static int64_t
+floor_mod(int64_t a, int64_t b)
+{
+	int64_t m = a % b;
+	return (m != 0 && ((m < 0) != (b < 0))) ? m + b : m;
+}
+
+static int
+read_header(const unsigned char *buf, Py_ssize_t size, header_t *h)
+{
+	if (size < 16)
+		return -1;
+	uint32_t xff_bits = be32(buf + 8);
+	float xff;
+	memcpy(&xff, &xff_bits, 4);
+	h->aggregation = (int)be32(buf);
+	h->xff = (double)xff;
+	h->count = (int)be32(buf + 12);
+	if (h->aggregation < AVERAGE || h->aggregation > ABSMIN || h->count < 1 ||
+	    h->count > MAX_ARCHIVES || size < 16 + 12 * (Py_ssize_t)h->count)
+		return -1;
+	for (int i = 0; i < h->count; i++) {
+		const unsigned char *p = buf + 16 + 12 * i;
+		archive_t *a = &h->archives[i];
+		a->offset = be32(p);
+		a->step = be32(p + 4);
+		a->points = be32(p + 8);
+		if (a->step < 1 || a->points < 1 || a->offset + a->points * POINT > size)
+			return -1;
+	}
+	return 0;
+}
+
+static int64_t
+window_start(const archive_t *a, int64_t now)
+{
+	return now - floor_mod(now, a->step) - (a->points - 1) * a->step;
+}
+
+/* Fill `line` (arrays allocated by the caller, n = points) from the buffer. */
+static void
+read_line(const unsigned char *buf, const archive_t *a, int64_t now, line_t *line)
+{
+	int64_t n = a->points, step = a->step;
+	const unsigned char *slots = buf + a->offset;
+	line->start = window_start(a, now);
+	line->step = step;
+	line->n = n;
+	int64_t base = be32(slots);
+	if (base == 0) {
+		line->first = -1;
+		memset(line->known, 0, (size_t)n);
+		memset(line->values, 0, (size_t)n * sizeof(double));
+		return;
+	}
+	int64_t first = floor_mod(floor_div(line->start - base, step), n);
+	line->first = first;
+	int64_t slot = first, expected = line->start;
+	for (int64_t i = 0; i < n; i++) {
+		const unsigned char *p = slots + slot * POINT;
+		line->known[i] = (int64_t)be32(p) == expected;
+		line->values[i] = be_double(p + 4);
+		expected += step;
+		if (++slot == n)
+			slot = 0;
+	}
+}
+
+/* Aggregate of the `per_row` cells of `line` from interval `t` on; returns 1
+ * when whisper would propagate it (a known cell, known/total >= xff). */
+static int
+aggregate_row(const line_t *line, int64_t t, int64_t per_row, int aggregation, double xff,
+	      double *out)
+{
+	int64_t index = floor_div(t - line->start, line->step);
+	int64_t count = 0, pick = -1;
+	double total = 0.0, best = 0.0;
+	for (int64_t c = 0; c < per_row; c++, index++) {
+		int known = index >= 0 && index < line->n && line->known[index];
+		double v = known ? line->values[index] : 0.0;
+		total += v;
+		if (!known)
+			continue;
+		switch (aggregation) {
+		case LAST:
+			best = v;
+			break;
+		case MAX:
+			if (count == 0 || v > best)
+				best = v;
+			break;
+		case MIN:
+			if (count == 0 || v < best)
+				best = v;
+			break;
+		case ABSMAX:
+			if (pick < 0 || fabs(v) > fabs(best)) {
+				best = v;
+				pick = c;
+			}
+			break;
+		case ABSMIN:
+			if (pick < 0 || fabs(v) < fabs(best)) {
+				best = v;
+				pick = c;
+			}
+			break;
+		default:
+			break;
+		}
+		count++;
+	}
+	if (count == 0 || !((double)count / (double)per_row >= xff))
+		return 0;
+	switch (aggregation) {
+	case AVERAGE:
+		*out = total / (double)count;
+		break;
+	case SUM:
+		*out = total;
+		break;
+	case AVG_ZERO:
+		*out = total / (double)per_row;
+		break;
+	default:
+		*out = best;
+		break;
+	}
+	return 1;
+}
+
+typedef struct {
+	int64_t offset, length; /* bytes, in the file; data in the scratch image */
+} run_t;
+
+typedef struct {
+	unsigned char *image; /* scratch, same layout as the DST file */
+	run_t *runs;
+	Py_ssize_t nruns, cap;
+	int64_t points;
+} plan_t;
+
+static int
+add_run(plan_t *plan, int64_t offset, int64_t length)
+{
+	if (plan->nruns == plan->cap) {
+		Py_ssize_t cap = plan->cap ? plan->cap * 2 : 16;
+		run_t *grown = realloc(plan->runs, (size_t)cap * sizeof(run_t));
+		if (grown == NULL)
+			return -1;
+		plan->runs = grown;
+		plan->cap = cap;
+	}
+	plan->runs[plan->nruns].offset = offset;
+	plan->runs[plan->nruns].length = length;
+	plan->nruns++;
+	return 0;
+}
+
+/* Record the filled rows of one DST archive as writes (the numpy twin's _patch
+ * and apply_patches: a whole archive when it was empty, else runs of slots). */
+static int
+emit(plan_t *plan, const archive_t *a, const line_t *line, const unsigned char *filled)
+{
+	int64_t n = a->points;
+	unsigned char *slots = plan->image + a->offset;
+	int64_t first = line->first;
+	if (first < 0) {
+		int64_t r0 = 0;
+		while (!filled[r0])
+			r0++;
+		first = floor_mod(-r0, n);
+		memset(slots, 0, (size_t)(n * POINT));
+	}
+	int64_t row = floor_mod(-first, n); /* the row in slot 0 */
+	int64_t run_start = -1;
+	for (int64_t s = 0; s < n; s++) {
+		if (filled[row]) {
+			put_point(slots + s * POINT, (uint32_t)(line->start + row * line->step),
+				  line->values[row]);
+			plan->points++;
+			if (run_start < 0)
+				run_start = s;
+		} else if (run_start >= 0 && line->first >= 0) {
+			if (add_run(plan, a->offset + run_start * POINT, (s - run_start) * POINT))
+				return -1;
+			run_start = -1;
+		}
+		if (++row == n)
+			row = 0;
+	}
+	if (line->first < 0)
+		return add_run(plan, a->offset, n * POINT);
+	if (run_start >= 0)
+		return add_run(plan, a->offset + run_start * POINT, (n - run_start) * POINT);
+	return 0;
+}
+
+static void
+free_line(line_t *line)
+{
+	free(line->values);
+	free(line->known);
+	line->values = NULL;
+	line->known = NULL;
+}
+
+static int
+alloc_line(line_t *line, int64_t n)
+{
+	line->values = malloc((size_t)n * sizeof(double));
+	line->known = malloc((size_t)n);
+	return (line->values && line->known) ? 0 : -1;
+}
+
+/* The merge; returns 0, or -1 on allocation failure. */
+static int
+merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, const header_t *dh,
+      int64_t now, plan_t *plan)
+{
+	int status = -1;
+	line_t src_lines[MAX_ARCHIVES];
+	unsigned char src_read[MAX_ARCHIVES];
+	memset(src_lines, 0, sizeof(line_t) * (size_t)sh->count);
+	memset(src_read, 0, (size_t)sh->count);
+	line_t previous = {0}, line = {0};
+	unsigned char *need = NULL, *filled = NULL;
+	int64_t finest_start = window_start(&dh->archives[0], now);
+
+	for (int d = 0; d < dh->count; d++) {
+		const archive_t *a = &dh->archives[d];
+		int64_t n = a->points, step = a->step;
+		if (alloc_line(&line, n))
+			goto done;
+		need = malloc((size_t)n);
+		filled = calloc((size_t)n, 1);
+		if (!need || !filled)
+			goto done;
+		read_line(dst, a, now, &line);
+		int64_t needed = 0;
+		for (int64_t i = 0; i < n; i++) {
+			need[i] = !line.known[i];
+			needed += need[i];
+		}
+		/* 1. coarse intervals inside the finest window, from the merged finer archive */
+		if (d > 0 && needed && step % previous.step == 0) {
+			int64_t lo = -floor_div(line.start - finest_start, step);
+			if (lo < 0)
+				lo = 0;
+			for (int64_t r = lo; r < n; r++) {
+				double v;
+				if (need[r] && aggregate_row(&previous, line.start + r * step,
+							     step / previous.step, dh->aggregation,
+							     dh->xff, &v)) {
+					line.values[r] = v;
+					need[r] = 0;
+					filled[r] = 1;
+					needed--;
+				}
+			}
+		}
+		/* 2. SRC at the same precision; 3. finer SRC aggregated, finest first */
+		for (int s = 0; s < sh->count && needed; s++) {
+			const archive_t *sa = &sh->archives[s];
+			if (sa->step > step || step % sa->step)
+				continue;
+			line_t *other = &src_lines[s];
+			if (!src_read[s]) {
+				if (alloc_line(other, sa->points))
+					goto done;
+				read_line(src, sa, now, other);
+				src_read[s] = 1;
+			}
+			if (sa->step == step) {
+				int64_t shift = floor_div(line.start - other->start, step);
+				int64_t lo = shift < 0 ? -shift : 0;
+				int64_t hi = other->n - shift < n ? other->n - shift : n;
+				for (int64_t r = lo; r < hi; r++) {
+					if (need[r] && other->known[r + shift]) {
+						line.values[r] = other->values[r + shift];
+						need[r] = 0;
+						filled[r] = 1;
+						needed--;
+					}
+				}
+				continue;
+			}
+			int64_t other_end = other->start + (other->n - 1) * other->step;
+			int64_t lo = floor_div(other->start - line.start, step);
+			int64_t hi = floor_div(other_end - line.start, step) + 1;
+			if (lo < 0)
+				lo = 0;
+			if (hi > n)
+				hi = n;
+			for (int64_t r = lo; r < hi; r++) {
+				double v;
+				if (need[r] && aggregate_row(other, line.start + r * step,
+							     step / sa->step, dh->aggregation,
+							     dh->xff, &v)) {
+					line.values[r] = v;
+					need[r] = 0;
+					filled[r] = 1;
+					needed--;
+				}
+			}
+		}
+		int any = 0;
+		for (int64_t i = 0; i < n; i++) {
+			if (filled[i]) {
+				any = 1;
+				break;
+			}
+		}
+		if (any && emit(plan, a, &line, filled))
+			goto done;
+		for (int64_t i = 0; i < n; i++)
+			line.known[i] |= filled[i];
+		free_line(&previous);
+		previous = line;
+		line.values = NULL;
+		line.known = NULL;
+		free(need);
+		free(filled);
+		need = filled = NULL;
+	}
+	status = 0;
+done:
+	free_line(&previous);
+	free_line(&line);
+	free(need);
+	free(filled);
+	for (int s = 0; s < sh->count; s++)
+		free_line(&src_lines[s]);
+	return status;
+}
+
+static PyObject *
+whisper_plan(PyObject *self, PyObject *args)
+{
+	Py_buffer src, dst;
+	long long now;
+	if (!PyArg_ParseTuple(args, "y*y*L", &src, &dst, &now))
+		return NULL;
+	PyObject *result = NULL;
+	header_t *sh = malloc(sizeof(header_t)), *dh = malloc(sizeof(header_t));
+	plan_t plan = {0};
+	if (!sh || !dh) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	if (read_header(src.buf, src.len, sh) || read_header(dst.buf, dst.len, dh)) {
+		PyErr_SetString(PyExc_ValueError, "not a whisper file carbonscale.whisper accepted");
+		goto out;
+	}
+	plan.image = malloc((size_t)dst.len);
+	if (!plan.image) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	int status;
+	Py_BEGIN_ALLOW_THREADS
+	status = merge(src.buf, sh, dst.buf, dh, (int64_t)now, &plan);
+	Py_END_ALLOW_THREADS
+	if (status) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	PyObject *writes = PyList_New(plan.nruns);
+	if (!writes)
+		goto out;
+	for (Py_ssize_t i = 0; i < plan.nruns; i++) {
+		PyObject *item = Py_BuildValue(
+			"Ly#", (long long)plan.runs[i].offset,
+			(const char *)plan.image + plan.runs[i].offset, (Py_ssize_t)plan.runs[i].length);
+		if (!item) {
+			Py_DECREF(writes);
+			goto out;
+		}
+		PyList_SET_ITEM(writes, i, item);
+	}
+	result = Py_BuildValue("LN", (long long)plan.points, writes);
+out:
+	free(sh);
+	free(dh);
+	free(plan.image);
+	free(plan.runs);
+	PyBuffer_Release(&src);
+	PyBuffer_Release(&dst);
+	return result;
+}
+
+static PyMethodDef whisper_methods[] = {
+	{"plan", whisper_plan, METH_VARARGS,
+	 "plan(src, dst, now) -> (points, [(offset, bytes), ...]): the writes of a fill."},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef whisper_module = {
+	PyModuleDef_HEAD_INIT, "carbonscale._whisper", NULL, -1, whisper_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__whisper(void)
+{
+	return PyModule_Create(&whisper_module);
+}
