@@ -18,6 +18,10 @@
 #include <string.h>
 
 #define POINT 12
+/* Runs of filled slots closer than this are written as one, the slots between
+ * them rewritten with the bytes just read (under the lock, so unchanged): a
+ * 10 s archive filled from 1 min data would otherwise take a write per point. */
+#define RUN_GAP 1024
 #define MAX_ARCHIVES 1024
 
 enum { AVERAGE = 1, SUM, LAST, MAX, MIN, AVG_ZERO, ABSMAX, ABSMIN };
@@ -33,9 +37,11 @@ typedef struct {
 	archive_t archives[MAX_ARCHIVES];
 } header_t;
 
-/* An archive's window: interval start + i*step is values[i] when known[i]. */
+/* An archive's window: interval start + i*step. Materialized (DST: values[i]
+ * when known[i]) or read straight from the file's slots (SRC: known == NULL). */
 typedef struct {
 	int64_t start, step, n, first; /* first: slot of `start`, -1 when empty */
+	const unsigned char *slots;
 	double *values;
 	unsigned char *known;
 } line_t;
@@ -84,6 +90,30 @@ floor_mod(int64_t a, int64_t b)
 	return (m != 0 && ((m < 0) != (b < 0))) ? m + b : m;
 }
 
+/* 1 and *value if interval i of the line is a point. */
+static inline int
+line_get(const line_t *line, int64_t i, double *value)
+{
+	if (i < 0 || i >= line->n)
+		return 0;
+	if (line->known) {
+		if (!line->known[i])
+			return 0;
+		*value = line->values[i];
+		return 1;
+	}
+	if (line->first < 0)
+		return 0;
+	int64_t slot = line->first + i;
+	if (slot >= line->n)
+		slot -= line->n;
+	const unsigned char *p = line->slots + slot * POINT;
+	if ((int64_t)be32(p) != line->start + i * line->step)
+		return 0;
+	*value = be_double(p + 4);
+	return 1;
+}
+
 static int
 read_header(const unsigned char *buf, Py_ssize_t size, header_t *h)
 {
@@ -116,30 +146,38 @@ window_start(const archive_t *a, int64_t now)
 	return now - floor_mod(now, a->step) - (a->points - 1) * a->step;
 }
 
-/* Fill `line` (arrays allocated by the caller, n = points) from the buffer. */
+/* Point `line` at the archive's window in the buffer. */
 static void
-read_line(const unsigned char *buf, const archive_t *a, int64_t now, line_t *line)
+open_line(const unsigned char *buf, const archive_t *a, int64_t now, line_t *line)
 {
-	int64_t n = a->points, step = a->step;
-	const unsigned char *slots = buf + a->offset;
 	line->start = window_start(a, now);
-	line->step = step;
-	line->n = n;
-	int64_t base = be32(slots);
-	if (base == 0) {
-		line->first = -1;
+	line->step = a->step;
+	line->n = a->points;
+	line->slots = buf + a->offset;
+	line->values = NULL;
+	line->known = NULL;
+	int64_t base = be32(line->slots);
+	line->first = base == 0 ? -1 : floor_mod(floor_div(line->start - base, a->step), a->points);
+}
+
+/* Materialize known[] (all rows) and values[] (rows from `from` on: the rows
+ * a coarser archive may aggregate; others are only read once filled). */
+static void
+materialize(line_t *line, int64_t from)
+{
+	int64_t n = line->n;
+	if (line->first < 0) {
 		memset(line->known, 0, (size_t)n);
-		memset(line->values, 0, (size_t)n * sizeof(double));
 		return;
 	}
-	int64_t first = floor_mod(floor_div(line->start - base, step), n);
-	line->first = first;
-	int64_t slot = first, expected = line->start;
+	int64_t slot = line->first, expected = line->start;
 	for (int64_t i = 0; i < n; i++) {
-		const unsigned char *p = slots + slot * POINT;
-		line->known[i] = (int64_t)be32(p) == expected;
-		line->values[i] = be_double(p + 4);
-		expected += step;
+		const unsigned char *p = line->slots + slot * POINT;
+		int known = (int64_t)be32(p) == expected;
+		line->known[i] = (unsigned char)known;
+		if (known && i >= from)
+			line->values[i] = be_double(p + 4);
+		expected += line->step;
 		if (++slot == n)
 			slot = 0;
 	}
@@ -155,8 +193,8 @@ aggregate_row(const line_t *line, int64_t t, int64_t per_row, int aggregation, d
 	int64_t count = 0, pick = -1;
 	double total = 0.0, best = 0.0;
 	for (int64_t c = 0; c < per_row; c++, index++) {
-		int known = index >= 0 && index < line->n && line->known[index];
-		double v = known ? line->values[index] : 0.0;
+		double v = 0.0;
+		int known = line_get(line, index, &v);
 		total += v;
 		if (!known)
 			continue;
@@ -214,6 +252,8 @@ typedef struct {
 
 typedef struct {
 	unsigned char *image; /* scratch, same layout as the DST file */
+	unsigned char *work;  /* scratch for two lines of max_points (11 bytes a point) */
+	int64_t max_points;
 	run_t *runs;
 	Py_ssize_t nruns, cap;
 	int64_t points;
@@ -222,6 +262,14 @@ typedef struct {
 static int
 add_run(plan_t *plan, int64_t offset, int64_t length)
 {
+	if (plan->nruns > 0) {
+		run_t *last = &plan->runs[plan->nruns - 1];
+		int64_t gap = offset - (last->offset + last->length);
+		if (gap >= 0 && gap <= RUN_GAP) {
+			last->length = offset + length - last->offset;
+			return 0;
+		}
+	}
 	if (plan->nruns == plan->cap) {
 		Py_ssize_t cap = plan->cap ? plan->cap * 2 : 16;
 		run_t *grown = realloc(plan->runs, (size_t)cap * sizeof(run_t));
@@ -275,21 +323,21 @@ emit(plan_t *plan, const archive_t *a, const line_t *line, const unsigned char *
 	return 0;
 }
 
-static void
-free_line(line_t *line)
-{
-	free(line->values);
-	free(line->known);
-	line->values = NULL;
-	line->known = NULL;
-}
+/* One scratch buffer per thread, grown as needed and kept: fresh allocations
+ * of this size come from mmap, and the page faults (and the kernel zeroing
+ * every new page) cost more than the merge itself. */
+static __thread unsigned char *scratch;
+static __thread size_t scratch_size;
 
-static int
-alloc_line(line_t *line, int64_t n)
+static unsigned char *
+scratch_get(size_t size)
 {
-	line->values = malloc((size_t)n * sizeof(double));
-	line->known = malloc((size_t)n);
-	return (line->values && line->known) ? 0 : -1;
+	if (size > scratch_size) {
+		free(scratch);
+		scratch = malloc(size);
+		scratch_size = scratch ? size : 0;
+	}
+	return scratch;
 }
 
 /* The merge; returns 0, or -1 on allocation failure. */
@@ -297,25 +345,22 @@ static int
 merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, const header_t *dh,
       int64_t now, plan_t *plan)
 {
-	int status = -1;
-	line_t src_lines[MAX_ARCHIVES];
-	unsigned char src_read[MAX_ARCHIVES];
-	memset(src_lines, 0, sizeof(line_t) * (size_t)sh->count);
-	memset(src_read, 0, (size_t)sh->count);
-	line_t previous = {0}, line = {0};
-	unsigned char *need = NULL, *filled = NULL;
+	line_t previous = {0}, line = {0}, other;
 	int64_t finest_start = window_start(&dh->archives[0], now);
+	/* lines alternate between two areas: this archive's and the finer one's */
+	unsigned char *areas[2] = {plan->work, plan->work + plan->max_points * 11};
 
 	for (int d = 0; d < dh->count; d++) {
 		const archive_t *a = &dh->archives[d];
 		int64_t n = a->points, step = a->step;
-		if (alloc_line(&line, n))
-			goto done;
-		need = malloc((size_t)n);
-		filled = calloc((size_t)n, 1);
-		if (!need || !filled)
-			goto done;
-		read_line(dst, a, now, &line);
+		unsigned char *area = areas[d % 2];
+		open_line(dst, a, now, &line);
+		line.values = (double *)area;
+		line.known = area + n * 8;
+		unsigned char *need = line.known + n, *filled = need + n;
+		memset(filled, 0, (size_t)n);
+		int64_t from = -floor_div(line.start - finest_start, step);
+		materialize(&line, from < 0 ? 0 : from);
 		int64_t needed = 0;
 		for (int64_t i = 0; i < n; i++) {
 			need[i] = !line.known[i];
@@ -343,20 +388,17 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 			const archive_t *sa = &sh->archives[s];
 			if (sa->step > step || step % sa->step)
 				continue;
-			line_t *other = &src_lines[s];
-			if (!src_read[s]) {
-				if (alloc_line(other, sa->points))
-					goto done;
-				read_line(src, sa, now, other);
-				src_read[s] = 1;
-			}
+			open_line(src, sa, now, &other);
+			if (other.first < 0)
+				continue;
 			if (sa->step == step) {
-				int64_t shift = floor_div(line.start - other->start, step);
+				int64_t shift = floor_div(line.start - other.start, step);
 				int64_t lo = shift < 0 ? -shift : 0;
-				int64_t hi = other->n - shift < n ? other->n - shift : n;
+				int64_t hi = other.n - shift < n ? other.n - shift : n;
 				for (int64_t r = lo; r < hi; r++) {
-					if (need[r] && other->known[r + shift]) {
-						line.values[r] = other->values[r + shift];
+					double v;
+					if (need[r] && line_get(&other, r + shift, &v)) {
+						line.values[r] = v;
 						need[r] = 0;
 						filled[r] = 1;
 						needed--;
@@ -364,8 +406,8 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 				}
 				continue;
 			}
-			int64_t other_end = other->start + (other->n - 1) * other->step;
-			int64_t lo = floor_div(other->start - line.start, step);
+			int64_t other_end = other.start + (other.n - 1) * other.step;
+			int64_t lo = floor_div(other.start - line.start, step);
 			int64_t hi = floor_div(other_end - line.start, step) + 1;
 			if (lo < 0)
 				lo = 0;
@@ -373,7 +415,7 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 				hi = n;
 			for (int64_t r = lo; r < hi; r++) {
 				double v;
-				if (need[r] && aggregate_row(other, line.start + r * step,
+				if (need[r] && aggregate_row(&other, line.start + r * step,
 							     step / sa->step, dh->aggregation,
 							     dh->xff, &v)) {
 					line.values[r] = v;
@@ -391,30 +433,16 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 			}
 		}
 		if (any && emit(plan, a, &line, filled))
-			goto done;
+			return -1;
 		for (int64_t i = 0; i < n; i++)
 			line.known[i] |= filled[i];
-		free_line(&previous);
 		previous = line;
-		line.values = NULL;
-		line.known = NULL;
-		free(need);
-		free(filled);
-		need = filled = NULL;
 	}
-	status = 0;
-done:
-	free_line(&previous);
-	free_line(&line);
-	free(need);
-	free(filled);
-	for (int s = 0; s < sh->count; s++)
-		free_line(&src_lines[s]);
-	return status;
+	return 0;
 }
 
 static PyObject *
-whisper_plan(PyObject *self, PyObject *args)
+whisper_plan(PyObject *Py_UNUSED(self), PyObject *args)
 {
 	Py_buffer src, dst;
 	long long now;
@@ -431,11 +459,18 @@ whisper_plan(PyObject *self, PyObject *args)
 		PyErr_SetString(PyExc_ValueError, "not a whisper file carbonscale.whisper accepted");
 		goto out;
 	}
-	plan.image = malloc((size_t)dst.len);
+	for (int d = 0; d < dh->count; d++)
+		if (dh->archives[d].points > plan.max_points)
+			plan.max_points = dh->archives[d].points;
+	/* 8-byte aligned: the work area holds doubles */
+	size_t image_size = ((size_t)dst.len + 7) & ~(size_t)7;
+	plan.image = scratch_get(image_size + (size_t)plan.max_points * 22);
 	if (!plan.image) {
 		PyErr_NoMemory();
 		goto out;
 	}
+	plan.work = plan.image + image_size;
+	memcpy(plan.image, dst.buf, (size_t)dst.len);
 	int status;
 	Py_BEGIN_ALLOW_THREADS
 	status = merge(src.buf, sh, dst.buf, dh, (int64_t)now, &plan);
@@ -461,7 +496,6 @@ whisper_plan(PyObject *self, PyObject *args)
 out:
 	free(sh);
 	free(dh);
-	free(plan.image);
 	free(plan.runs);
 	PyBuffer_Release(&src);
 	PyBuffer_Release(&dst);
@@ -475,7 +509,7 @@ static PyMethodDef whisper_methods[] = {
 };
 
 static struct PyModuleDef whisper_module = {
-	PyModuleDef_HEAD_INIT, "carbonscale._whisper", NULL, -1, whisper_methods,
+	PyModuleDef_HEAD_INIT, "carbonscale._whisper", NULL, -1, whisper_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

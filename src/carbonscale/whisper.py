@@ -364,7 +364,7 @@ def plan_fill_numpy(
         if filled.any():
             patches.append(_patch(archive, line, values, filled))
         previous = Timeline(line.start, step, values, line.known | filled, line.first_slot)
-    return sum(len(p.slots) for p in patches), patch_writes(patches)
+    return sum(len(p.slots) for p in patches), patch_writes(patches, dst)
 
 
 def _take(
@@ -409,22 +409,37 @@ def _runs(slots: np.ndarray) -> Iterator[tuple[int, int]]:
     return itertools.pairwise(edges)
 
 
-def patch_writes(patches: Iterable[ArchivePatch]) -> Writes:
-    """Patches as writes: a whole archive when it was empty, else runs of slots."""
+# Runs of filled slots closer than this are written as one, the slots between
+# them rewritten with the bytes just read (under the lock, so unchanged): a 10 s
+# archive filled from 1 min data would otherwise take a write per point.
+RUN_GAP = 1024
+
+
+def patch_writes(patches: Iterable[ArchivePatch], dst: bytes) -> Writes:
+    """Patches as writes: a whole archive when it was empty, else runs of slots
+    (runs less than RUN_GAP bytes apart joined)."""
     import numpy as np
 
-    writes = []
+    image = bytearray(dst)
+    runs: list[list[int]] = []
+
+    def add(offset: int, data: bytes) -> None:
+        image[offset : offset + len(data)] = data
+        if runs and 0 <= offset - (runs[-1][0] + runs[-1][1]) <= RUN_GAP:
+            runs[-1][1] = offset + len(data) - runs[-1][0]
+        else:
+            runs.append([offset, len(data)])
+
     for patch in patches:
         archive = patch.archive
         if patch.whole:
             block = np.zeros(archive.points, _point_dtype())
             block[patch.slots] = patch.points
-            writes.append((archive.offset, block.tobytes()))
+            add(archive.offset, block.tobytes())
             continue
         for lo, hi in _runs(patch.slots):
-            offset = archive.offset + int(patch.slots[lo]) * POINT_SIZE
-            writes.append((offset, patch.points[lo:hi].tobytes()))
-    return writes
+            add(archive.offset + int(patch.slots[lo]) * POINT_SIZE, patch.points[lo:hi].tobytes())
+    return [(offset, bytes(image[offset : offset + length])) for offset, length in runs]
 
 
 def apply_writes(fd: int, writes: Writes) -> None:
