@@ -384,9 +384,11 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 			}
 		}
 		/* 2. SRC at the same precision; 3. finer SRC aggregated, finest first */
+		for (int pass = 0; pass < 2; pass++) {
 		for (int s = 0; s < sh->count && needed; s++) {
 			const archive_t *sa = &sh->archives[s];
-			if (sa->step > step || step % sa->step)
+			/* pass 0: the same step; pass 1: finer steps that divide it */
+			if ((pass == 0) != (sa->step == step) || sa->step > step || step % sa->step)
 				continue;
 			open_line(src, sa, now, &other);
 			if (other.first < 0)
@@ -424,6 +426,7 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 					needed--;
 				}
 			}
+		}
 		}
 		int any = 0;
 		for (int64_t i = 0; i < n; i++) {

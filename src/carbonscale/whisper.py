@@ -344,7 +344,12 @@ def plan_fill_numpy(
                 grid_values, grid_known = _grid(previous, line.start + lo * step, count - lo, step)
                 _take(state, lo, count, *aggregate(aggregation, grid_values, grid_known, xff))
         # 2. SRC at the same precision; 3. finer SRC aggregated, finest first.
-        for index, src_archive in enumerate(src_header.archives):
+        by_preference = sorted(
+            range(len(src_header.archives)),
+            key=lambda i: (src_header.archives[i].step != step, src_header.archives[i].step),
+        )
+        for index in by_preference:
+            src_archive = src_header.archives[index]
             if src_archive.step > step or step % src_archive.step or not need.any():
                 continue
             other = src_line(index)

@@ -1,0 +1,489 @@
+"""carbonscale.whisper fill and verify against whisper's own reads and writes.
+
+The oracle reads every archive with whisper.fetch and applies the fill rules
+of carbonscale/whisper.py's docstring point by point with whisper.aggregate;
+files are built with whisper.create and whisper.update_many. The C merge and
+its numpy twin must return the same writes, byte for byte.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import whisper
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from carbonscale import CarbonscaleError
+from carbonscale import whisper as W
+
+NOW = 1_700_000_000
+CLI = [sys.executable, "-m", "carbonscale", "whisper"]
+METHODS = list(whisper.aggregationMethods)
+
+
+# ----- the oracle -------------------------------------------------------------
+
+
+def fetch_archives(path: str, now: int) -> list[dict[int, float]]:
+    """{interval: value} of every archive's window, read by whisper.fetch."""
+    info = whisper.info(path)
+    series = []
+    for archive in info["archives"]:
+        (start, end, step), values = whisper.fetch(path, now - archive["retention"], now, now=now)
+        assert step == archive["secondsPerPoint"]
+        series.append(
+            {t: v for t, v in zip(range(start, end, step), values, strict=True) if v is not None}
+        )
+    return series
+
+
+def propagated(method: str, xff: float, cells: list[float | None]) -> float | None:
+    """whisper's __propagate rule for one coarse interval."""
+    known = [v for v in cells if v is not None]
+    if not known or len(known) / len(cells) < xff:
+        return None
+    return whisper.aggregate(method, known, cells)
+
+
+def oracle_fill(src: str, dst: str, now: int) -> list[dict[int, float]]:
+    """What every DST archive's window holds after a fill, by the documented rules."""
+    src_info, dst_info = whisper.info(src), whisper.info(dst)
+    src_series, dst_series = fetch_archives(src, now), fetch_archives(dst, now)
+    method, xff = dst_info["aggregationMethod"], dst_info["xFilesFactor"]
+    finest = dst_info["archives"][0]
+    finest_start = now - now % finest["secondsPerPoint"] - finest["retention"]
+    finest_start += finest["secondsPerPoint"]
+    merged_archives = []
+    for index, archive in enumerate(dst_info["archives"]):
+        step, points = archive["secondsPerPoint"], archive["points"]
+        end = now - now % step
+        merged = dict(dst_series[index])
+        previous = dst_info["archives"][index - 1] if index else None
+        for t in range(end - (points - 1) * step, end + step, step):
+            if t in merged:
+                continue
+            value = None
+            if previous and t >= finest_start and step % previous["secondsPerPoint"] == 0:
+                fine = previous["secondsPerPoint"]
+                cells = [merged_archives[-1].get(t + c * fine) for c in range(step // fine)]
+                value = propagated(method, xff, cells)
+            if value is None:
+                for s_index, s_archive in enumerate(src_info["archives"]):
+                    s_step = s_archive["secondsPerPoint"]
+                    if s_step == step and t in src_series[s_index]:
+                        value = src_series[s_index][t]
+                        break
+                if value is None:
+                    for s_index, s_archive in enumerate(src_info["archives"]):
+                        s_step = s_archive["secondsPerPoint"]
+                        if s_step >= step or step % s_step:
+                            continue
+                        cells = [
+                            src_series[s_index].get(t + c * s_step) for c in range(step // s_step)
+                        ]
+                        value = propagated(method, xff, cells)
+                        if value is not None:
+                            break
+            if value is not None:
+                merged[t] = value
+        merged_archives.append(merged)
+    return merged_archives
+
+
+def same_series(got: dict[int, float], want: dict[int, float]) -> bool:
+    if got.keys() != want.keys():
+        return False
+    return all(
+        (math.isnan(got[t]) and math.isnan(want[t]))
+        or math.isclose(got[t], want[t], rel_tol=1e-12, abs_tol=1e-300)
+        for t in got
+    )
+
+
+def make(path: Path, archives, points, xff=0.5, method="average", now=NOW) -> str:
+    whisper.create(str(path), archives, xFilesFactor=xff, aggregationMethod=method)
+    if points:
+        whisper.update_many(str(path), points, now=now)
+    return str(path)
+
+
+# ----- property test ------------------------------------------------------------
+
+STEPS = [1, 2, 5, 10, 60]
+
+
+@st.composite
+def schemas(draw):
+    """Valid whisper archive lists: each step a multiple of the previous, more retention."""
+    count = draw(st.integers(1, 3))
+    archives = []
+    step = draw(st.sampled_from(STEPS))
+    points = draw(st.integers(5, 40))
+    archives.append((step, points))
+    for _ in range(count - 1):
+        step *= draw(st.sampled_from([2, 3, 5]))
+        # strictly more retention than the finer archive; whisper wants the finer
+        # archive to hold at least one coarse interval (points >= 5 >= factor)
+        minimum = max(5, archives[-1][0] * archives[-1][1] // step + 1)
+        points = draw(st.integers(minimum, minimum + 30))
+        archives.append((step, points))
+    return archives
+
+
+values = st.one_of(
+    st.just(0.0),
+    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    st.integers(-5, 5).map(float),
+)
+
+
+@st.composite
+def whisper_files(draw):
+    archives = draw(schemas())
+    retention = max(s * p for s, p in archives)
+    ages = draw(st.lists(st.integers(0, retention + 20), max_size=60))
+    # and a dense recent run, so that finer archives have whole intervals to aggregate
+    step = archives[0][0]
+    ages += [draw(st.integers(0, 30)) + i * step for i in range(draw(st.integers(0, 80)))]
+    points = [(NOW - age, draw(values)) for age in ages]
+    return archives, draw(st.floats(0, 1)), draw(st.sampled_from(METHODS)), points
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(src=whisper_files(), dst=whisper_files(), now_shift=st.integers(0, 200))
+def test_fill_matches_the_oracle_and_the_twins_agree(tmp_path, src, dst, now_shift):
+    now = NOW + now_shift
+    for name in ("s.wsp", "d.wsp"):
+        (tmp_path / name).unlink(missing_ok=True)
+    src_path = make(tmp_path / "s.wsp", src[0], src[3], src[1], src[2])
+    dst_path = make(tmp_path / "d.wsp", dst[0], dst[3], dst[1], dst[2])
+    before = fetch_archives(dst_path, now)
+    expected = oracle_fill(src_path, dst_path, now)
+    header_before = Path(dst_path).read_bytes()[: 16 + 12 * len(dst[0])]
+
+    src_bytes, dst_bytes = Path(src_path).read_bytes(), Path(dst_path).read_bytes()
+    numpy_plan = W.plan_fill_numpy(
+        src_bytes, W.parse_header(src_bytes), dst_bytes, W.parse_header(dst_bytes), now
+    )
+    if W._whisper is not None:
+        assert W._whisper.plan(src_bytes, dst_bytes, now) == numpy_plan
+
+    result = W.fill_file(src_path, dst_path, now)
+    assert result.status in (W.FILLED, W.UNCHANGED)
+    assert result.points == numpy_plan[0]
+    after = fetch_archives(dst_path, now)
+    for index, (got, want) in enumerate(zip(after, expected, strict=True)):
+        assert same_series(got, want), f"archive {index}"
+        # every point DST had is untouched (0.0 included)
+        for t, v in before[index].items():
+            assert got[t] == v or (math.isnan(v) and math.isnan(got[t]))
+    assert Path(dst_path).read_bytes()[: len(header_before)] == header_before
+    assert W.verify_file(src_path, dst_path, now).missing == 0
+    # a second fill has nothing left to do
+    assert W.fill_file(src_path, dst_path, now).status == W.UNCHANGED
+
+
+# ----- explicit cases -------------------------------------------------------------
+
+SCHEMA = [(60, 60), (300, 48), (3600, 24)]
+
+
+def test_zero_in_dst_is_a_value_and_is_kept(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 7.0) for i in range(50)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW - i * 60, 0.0) for i in range(0, 50, 2)])
+    W.fill_file(src, dst, NOW)
+    finest = fetch_archives(dst, NOW)[0]
+    for i in range(50):
+        t = (NOW - i * 60) // 60 * 60
+        assert finest[t] == (0.0 if i % 2 == 0 else 7.0)
+
+
+def test_zero_in_src_fills_a_gap(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 0.0) for i in range(10)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 1.0)])
+    assert W.fill_file(src, dst, NOW).points > 0
+    finest = fetch_archives(dst, NOW)[0]
+    assert [finest[(NOW - i * 60) // 60 * 60] for i in range(1, 10)] == [0.0] * 9
+
+
+def test_wrapped_archives(tmp_path):
+    """Files written for longer than their retention: the base slot is mid-window."""
+    old = NOW - 10_000
+    src = make(tmp_path / "s.wsp", SCHEMA, [(old + i * 60, float(i)) for i in range(160)], now=NOW)
+    whisper.update_many(src, [(NOW - i * 60, float(-i)) for i in range(40)], now=NOW)
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(old + i * 60, 5.0) for i in range(100, 167)], now=NOW)
+    whisper.update_many(dst, [(NOW - i * 60, 1.5) for i in range(0, 40, 3)], now=NOW)
+    expected = oracle_fill(src, dst, NOW)
+    W.fill_file(src, dst, NOW)
+    assert all(same_series(g, w) for g, w in zip(fetch_archives(dst, NOW), expected, strict=True))
+    assert W.verify_file(src, dst, NOW).missing == 0
+
+
+def test_empty_archives(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [])
+    before = Path(dst).read_bytes()
+    assert W.fill_file(src, dst, NOW).status == W.UNCHANGED
+    assert Path(dst).read_bytes() == before
+    # empty DST, full SRC: every archive gets SRC's points, base at slot 0
+    full = make(tmp_path / "f.wsp", SCHEMA, [(NOW - i * 60, float(i)) for i in range(3000)])
+    expected = oracle_fill(full, dst, NOW)
+    W.fill_file(full, dst, NOW)
+    assert all(same_series(g, w) for g, w in zip(fetch_archives(dst, NOW), expected, strict=True))
+
+
+def test_schema_mismatch_aggregates_finer_and_never_spreads_coarse(tmp_path):
+    # SRC: 60 s then 600 s; DST: 120 s then 1200 s, sum, xff 0.5
+    src = make(
+        tmp_path / "s.wsp", [(60, 100), (600, 100)], [(NOW - i * 60, 1.0) for i in range(6000)]
+    )
+    dst = make(tmp_path / "d.wsp", [(30, 100), (120, 100), (1200, 100)], [], 0.5, "sum")
+    W.fill_file(src, dst, NOW)
+    fine, mid, coarse = fetch_archives(dst, NOW)
+    assert fine == {}, "60 s data must never be spread into a 30 s archive"
+    # 120 s intervals within SRC's 60 s window (6000 s): two points summed; the
+    # 600 s SRC archive is coarser and never used for them
+    assert set(mid.values()) <= {1.0, 2.0} and list(mid.values()).count(2.0) >= 49
+    assert len(mid) <= 51
+    # 1200 s, DST's sum: recomputed from the merged 120 s archive inside the
+    # finest window, else the finest SRC archive that divides 1200 s: twenty
+    # 60 s points (20.0) within its 6000 s, two 600 s averages (2.0) beyond
+    assert len(coarse) in (50, 51)
+    values = list(coarse.values())
+    assert values.count(2.0) >= 44 and values.count(20.0) >= 3
+    fresh = make(tmp_path / "e.wsp", [(30, 100), (120, 100), (1200, 100)], [], 0.5, "sum")
+    expected = oracle_fill(src, fresh, NOW)
+    assert all(same_series(g, w) for g, w in zip((fine, mid, coarse), expected, strict=True))
+
+
+def test_missing_dst_becomes_an_exact_copy(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, float(i)) for i in range(100)])
+    os.chmod(src, 0o640)
+    dst = tmp_path / "deep" / "er" / "d.wsp"
+    assert W.fill_file(src, str(dst), NOW).status == W.COPIED
+    assert dst.read_bytes() == Path(src).read_bytes()
+    assert dst.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in dst.parent.iterdir()] == ["d.wsp"], "no temporary file left"
+
+
+def test_dst_appearing_during_the_copy_is_filled_not_replaced(tmp_path, monkeypatch):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 2.0) for i in range(10)])
+    dst = tmp_path / "d.wsp"
+    real_link = os.link
+
+    def carbon_creates_it_first(source, target):
+        make(Path(target), SCHEMA, [(NOW, 9.0)])
+        return real_link(source, target)
+
+    monkeypatch.setattr(W.os, "link", carbon_creates_it_first)
+    result = W.fill_file(src, str(dst), NOW)
+    monkeypatch.undo()
+    assert result.status == W.FILLED
+    finest = fetch_archives(str(dst), NOW)[0]
+    assert finest[NOW // 60 * 60] == 9.0 and finest[(NOW - 60) // 60 * 60] == 2.0
+
+
+def truncate(path: str, size: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+def test_truncated_src_is_skipped_and_dst_untouched(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(10)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
+    truncate(src, os.path.getsize(src) - 5)
+    before = Path(dst).read_bytes()
+    result = W.fill_file(src, dst, NOW)
+    assert result.status == W.SKIPPED and "corrupt SRC" in result.reason
+    assert "truncated" in result.reason
+    assert Path(dst).read_bytes() == before
+
+
+def test_corrupt_dst_is_never_overwritten_unless_moved_aside(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(10)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
+    truncate(dst, 100)
+    broken = Path(dst).read_bytes()
+    result = W.fill_file(src, dst, NOW)
+    assert result.status == W.SKIPPED and "corrupt DST" in result.reason
+    assert Path(dst).read_bytes() == broken
+    result = W.fill_file(src, dst, NOW, move_corrupt=True)
+    assert result.status == W.REPLACED
+    assert Path(dst).read_bytes() == Path(src).read_bytes()
+    (aside,) = tmp_path.glob("d.wsp.corrupt-*")
+    assert aside.read_bytes() == broken
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda b: b[:10], "truncated header"),
+        (lambda b: b"\x00\x00\x00\x09" + b[4:], "aggregation"),
+        (lambda b: b[:12] + b"\x00\x00\x00\x00" + b[16:], "archive count"),
+        (lambda b: b[:16] + b"\x00\x00\x00\x01" + b[20:], "starts at"),
+        (lambda b: b + b"x", "trailing"),
+    ],
+)
+def test_parse_header_refuses_corrupt_files(tmp_path, mangle, message):
+    data = Path(make(tmp_path / "s.wsp", SCHEMA, [])).read_bytes()
+    W.parse_header(data)
+    with pytest.raises(W.CorruptWhisper, match=message):
+        W.parse_header(mangle(data))
+
+
+def test_fill_waits_for_a_writer_holding_the_lock(tmp_path):
+    """A carbon writer (WHISPER_LOCK_WRITES) holds LOCK_EX: fill waits, then merges
+    with what the writer wrote; nothing is corrupted."""
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(1, 50)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [])
+    results = []
+    with open(dst, "r+b") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: results.append(W.fill_file(src, dst, NOW)))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and not results, "fill must wait for the lock"
+        # the writer updates while holding the lock (whisper's own code, lock held by us)
+        whisper.LOCK = False
+        whisper.file_update_many(writer, [(NOW - 120, 42.0), (NOW, 43.0)], now=NOW)
+        writer.flush()
+        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
+    worker.join(10)
+    assert results and results[0].status == W.FILLED
+    finest = fetch_archives(dst, NOW)[0]
+    assert finest[(NOW - 120) // 60 * 60] == 42.0, "the writer's point survives"
+    assert finest[NOW // 60 * 60] == 43.0
+    assert finest[(NOW - 60) // 60 * 60] == 1.0
+    assert whisper.info(dst) is not None
+    # and the lock was released: another writer gets it at once
+    with open(dst, "r+b") as again:
+        fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_lock_released_when_the_write_fails(tmp_path, monkeypatch):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(5)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
+
+    def disk_full(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(W.os, "pwrite", disk_full)
+    result = W.fill_file(src, dst, NOW)
+    monkeypatch.undo()
+    assert result.status == W.SKIPPED and "No space left" in result.reason
+    with open(dst, "r+b") as again:
+        fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_verify_counts_missing_points(tmp_path):
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(20)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(10)])
+    result = W.verify_file(src, dst, NOW)
+    assert result.missing > 0 and not result.ok
+    assert result.examples and all(t % 60 == 0 for t in result.examples)
+    W.fill_file(src, dst, NOW)
+    result = W.verify_file(src, dst, NOW)
+    assert result.ok and result.checked >= 20
+
+
+# ----- trees and the CLI --------------------------------------------------------------
+
+
+def build_tree(root: Path, now: int = NOW) -> tuple[Path, Path]:
+    src, dst = root / "src", root / "dst"
+    for index in range(12):
+        relative = Path(f"a/b{index % 3}/m{index}.wsp")
+        for tree in (src, dst):
+            (tree / relative).parent.mkdir(parents=True, exist_ok=True)
+        make(src / relative, SCHEMA, [(now - i * 60, float(index)) for i in range(5, 55)], now=now)
+        if index % 4:
+            make(dst / relative, SCHEMA, [(now - i * 60, 0.0) for i in range(5)], now=now)
+    return src, dst
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + args, capture_output=True, text=True, check=False, timeout=120)
+
+
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_cli_fills_a_tree_then_verify_passes(tmp_path, jobs):
+    src, dst = build_tree(tmp_path)
+    (src / "a" / "not-whisper.txt").write_text("ignored")
+    missing = run(["verify", "--json", "--now", str(NOW), str(src), str(dst)])
+    assert missing.returncode == 1
+    report = json.loads(missing.stdout)
+    assert report["points_missing"] > 0 and len(report["dst_missing"]) == 3
+    done = run(["fill", "--json", "--jobs", jobs, "--now", str(NOW), str(src), str(dst)])
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["files"], summary["copied"], summary["filled"]) == (12, 3, 9)
+    checked = run(["verify", "--json", "--now", str(NOW), str(src), str(dst)])
+    assert checked.returncode == 0, checked.stdout
+    assert json.loads(checked.stdout)["points_missing"] == 0
+    assert not (dst / "a" / "not-whisper.txt").exists()
+
+
+def test_cli_dry_run_writes_nothing(tmp_path):
+    src, dst = build_tree(tmp_path)
+    before = {p: p.read_bytes() for p in dst.rglob("*.wsp")}
+    done = run(["fill", "--dry-run", "--json", "--now", str(NOW), str(src), str(dst)])
+    assert done.returncode == 0
+    summary = json.loads(done.stdout)
+    assert summary["dry_run"] and summary["points"] > 0 and summary["copied"] == 3
+    assert {p: p.read_bytes() for p in dst.rglob("*.wsp")} == before
+
+
+def test_cli_reports_skipped_files_and_exits_1(tmp_path):
+    src, dst = build_tree(tmp_path)
+    truncate(str(src / "a/b1/m1.wsp"), 50)
+    done = run(["fill", "--now", str(NOW), str(src), str(dst)])
+    assert done.returncode == 1
+    assert "carbonscale: skipped a/b1/m1.wsp: corrupt SRC" in done.stderr
+    assert "1 skipped" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fill", "/nonexistent/src", "/tmp/x"], "does not exist"),
+        (["fill", "--jobs", "0", "{src}", "{dst}"], "--jobs"),
+        (["fill", "{src}", "{file}"], "is not"),
+        (["fill", "{file}", "{src}"], "is a file but DST"),
+        (["fill", "{file}", "{file}"], "same file"),
+        (["fill", "{corrupt}", "{tmp}/new.wsp"], "corrupt SRC"),
+        (["verify", "{file}", "{corrupt}"], "corrupt DST"),
+        (["verify", "--now", "-5", "{src}", "{dst}"], "--now"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    src, dst = build_tree(tmp_path)
+    file = src / "a/b0/m0.wsp"
+    corrupt = tmp_path / "corrupt.wsp"
+    shutil.copyfile(file, corrupt)
+    truncate(str(corrupt), 30)
+    names = {"src": src, "dst": dst, "file": file, "corrupt": corrupt, "tmp": tmp_path}
+    done = run([a.format(**names) for a in args])
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("carbonscale: error: ")
+    assert message in done.stderr
+
+
+def test_resolve_pair_refuses_the_same_tree(tmp_path):
+    with pytest.raises(CarbonscaleError, match="same directory"):
+        W.resolve_pair(str(tmp_path), str(tmp_path))
