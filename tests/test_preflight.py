@@ -120,8 +120,7 @@ def test_instance_without_a_port(tmp_path):
     inv = inventory(tmp_path, storage_vars={"carbon_instances": broken})
     rc, out = run("playbooks/preflight.yml", inv)
     assert rc != 0
-    assert "carbon_instances entry" in out
-    assert "integer line_port, pickle_port and query_port" in out
+    assert "s1: carbon_instances[1] (b): pickle_port must be a port number 1-65535, got None" in out
 
 
 def test_instances_sharing_a_port(tmp_path):
@@ -129,7 +128,15 @@ def test_instances_sharing_a_port(tmp_path):
     inv = inventory(tmp_path, storage_vars={"carbon_instances": clash})
     rc, out = run("playbooks/preflight.yml", inv)
     assert rc != 0
-    assert "s1: two carbon_instances share a name or a port" in out
+    assert "carbon_instances[1] (b) line_port 2104 clashes with carbon_instances[0] (a) pickle_port" in out
+
+
+def test_instances_sharing_a_name(tmp_path):
+    twins = [INSTANCES[0], {**INSTANCES[1], "name": "a"}]
+    inv = inventory(tmp_path, storage_vars={"carbon_instances": twins})
+    rc, out = run("playbooks/preflight.yml", inv)
+    assert rc != 0
+    assert "carbon_instances[1] (a): duplicate name, also carbon_instances[0]" in out
 
 
 def test_relays_without_storage(tmp_path):
