@@ -128,7 +128,10 @@ def test_instances_sharing_a_port(tmp_path):
     inv = inventory(tmp_path, storage_vars={"carbon_instances": clash})
     rc, out = run("playbooks/preflight.yml", inv)
     assert rc != 0
-    assert "carbon_instances[1] (b) line_port 2104 clashes with carbon_instances[0] (a) pickle_port" in out
+    assert (
+        "carbon_instances[1] (b) line_port 2104 clashes with carbon_instances[0] (a) pickle_port"
+        in out
+    )
 
 
 def test_instances_sharing_a_name(tmp_path):
