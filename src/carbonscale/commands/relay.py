@@ -8,6 +8,7 @@ one verb's dependencies never load for another.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
@@ -39,8 +40,10 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
             "Receive carbon pickle frames (4-byte big-endian length, then a pickled list of "
             "(path, (timestamp, value))) with an unpickler that refuses every global, and "
             "forward the points as line protocol, in batches, to carbon-c-relay. "
-            "SIGTERM stops listening and drains the queue."
+            "SIGTERM stops listening and drains the queue. "
+            "Arguments may also come from a file: @FILE, one per line."
         ),
+        fromfile_prefix_chars="@",
     )
     parser.add_argument(
         "--listen", default=":2004", help="[HOST]:PORT to listen on (default :2004: every address)"
@@ -108,6 +111,12 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         default=1.0,
         help="seconds between connection attempts to carbon-c-relay (default 1)",
     )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the arguments, print the settings and exit (the role's check "
+        "before an arguments file goes live)",
+    )
     parser.set_defaults(func=run_pickle)
 
 
@@ -130,6 +139,10 @@ def run_pickle(args: argparse.Namespace) -> int:
     if args.stats_prefix is not None:
         settings.stats_prefix = args.stats_prefix
     settings.validate()
+    if args.check_config:
+        for field in dataclasses.fields(settings):
+            print(f"{field.name}\t{getattr(settings, field.name)}")
+        return 0
     _daemon_logging()
     pickle_relay.run(settings)
     return 0

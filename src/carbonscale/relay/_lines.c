@@ -486,7 +486,163 @@ format_points(PyObject *module, PyObject *args)
     return Py_BuildValue("(Nnn)", data, points, invalid);
 }
 
+/*
+ * check_memo(frame) -> None, or ValueError
+ *
+ * Walks the pickle's opcodes the way the unpickler will, without building
+ * anything, and refuses a memo index (PUT, BINPUT, LONG_BINPUT) at or past
+ * the frame's length, or an argument running past the frame's end. CPython's
+ * unpickler grows its memo array to twice the largest index it is given:
+ * LONG_BINPUT 1078405844 in a 200-byte frame made it allocate and zero 16 GiB
+ * (43 s here). Honest pickles number their memo entries from 0 and each PUT
+ * takes at least two bytes, so every index is below the frame's length. The
+ * walk stops at STOP or at an opcode it does not know (where the unpickler
+ * fails anyway); twin: carbonscale.relay.lines.check_memo_py.
+ */
+static int
+read_le(const unsigned char *p, int n, unsigned long long *out)
+{
+    unsigned long long v = 0;
+    for (int i = n - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    *out = v;
+    return 0;
+}
+
+static PyObject *
+check_memo(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*", &view))
+        return NULL;
+    const unsigned char *buf = view.buf;
+    Py_ssize_t size = view.len, pos = 0;
+    unsigned long long limit = (unsigned long long)size, value;
+    const char *error = NULL;
+
+    while (pos < size && error == NULL) {
+        unsigned char op = buf[pos++];
+        Py_ssize_t fixed = -1; /* bytes of a fixed-size argument */
+        int prefix = 0;        /* bytes of a length prefix */
+        int lines = 0;         /* newline-terminated arguments */
+        int memo = 0;          /* the argument is a memo index to check */
+        switch (op) {
+        case '.': /* STOP */
+            goto done;
+        case '(': case '0': case '1': case '2': case 'N': case 'a': case 'e':
+        case 'b': case 'd': case '}': case 'l': case ']': case 't': case ')':
+        case 's': case 'u': case 'R': case 'o': case 'Q':
+        case 0x81: case 0x85: case 0x86: case 0x87: case 0x88: case 0x89:
+        case 0x8f: case 0x90: case 0x91: case 0x92: case 0x93: case 0x94:
+        case 0x97: case 0x98:
+            fixed = 0;
+            break;
+        case 'K': case 'h': case 0x80: case 0x82:
+            fixed = 1;
+            break;
+        case 'q': /* BINPUT: below 256, never large */
+            fixed = 1;
+            break;
+        case 'M': case 0x83:
+            fixed = 2;
+            break;
+        case 'J': case 'j': case 0x84:
+            fixed = 4;
+            break;
+        case 'r': /* LONG_BINPUT */
+            fixed = 4;
+            memo = 1;
+            break;
+        case 'G': case 0x95:
+            fixed = 8;
+            break;
+        case 'I': case 'L': case 'F': case 'S': case 'V': case 'g': case 'P':
+            lines = 1;
+            break;
+        case 'p': /* PUT: decimal index */
+            lines = 1;
+            memo = 1;
+            break;
+        case 'c': case 'i':
+            lines = 2;
+            break;
+        case 'U': case 'C': case 0x8c: case 0x8a:
+            prefix = 1;
+            break;
+        case 'T': case 'B': case 'X': case 0x8b:
+            prefix = 4;
+            break;
+        case 0x8d: case 0x8e: case 0x96:
+            prefix = 8;
+            break;
+        default:
+            goto done; /* unknown: the unpickler stops here too */
+        }
+        if (fixed >= 0) {
+            if (size - pos < fixed) {
+                error = "the pickle ends inside an opcode's argument";
+                break;
+            }
+            if (memo) {
+                read_le(buf + pos, 4, &value);
+                if (value >= limit)
+                    error = "memo index past the frame's length";
+            }
+            pos += fixed;
+        } else if (prefix) {
+            if (size - pos < prefix) {
+                error = "the pickle ends inside a length";
+                break;
+            }
+            read_le(buf + pos, prefix, &value);
+            pos += prefix;
+            if (op == 0x8b && (value & 0x80000000ULL)) {
+                error = "negative length";
+                break;
+            }
+            if (value > (unsigned long long)(size - pos)) {
+                error = "a length runs past the frame's end";
+                break;
+            }
+            pos += (Py_ssize_t)value;
+        } else {
+            for (int n = 0; n < lines; n++) {
+                const unsigned char *start = buf + pos;
+                const unsigned char *nl = memchr(start, '\n', (size_t)(size - pos));
+                if (nl == NULL) {
+                    error = "the pickle ends inside a line argument";
+                    break;
+                }
+                if (memo) {
+                    /* A decimal longer than the frame's own length's is past it. */
+                    unsigned long long v = 0;
+                    int digits = 0, bad = 0;
+                    for (const unsigned char *c = start; c < nl; c++) {
+                        if (*c < '0' || *c > '9' || ++digits > 19) {
+                            bad = 1;
+                            break;
+                        }
+                        v = v * 10 + (unsigned long long)(*c - '0');
+                    }
+                    if (bad || digits == 0 || v >= limit)
+                        error = "memo index past the frame's length";
+                }
+                pos = (Py_ssize_t)(nl - buf) + 1;
+            }
+        }
+    }
+done:
+    PyBuffer_Release(&view);
+    if (error != NULL) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"check_memo", check_memo, METH_VARARGS,
+     "check_memo(frame) -> None; ValueError on a memo index or length past the frame"},
     {"format_points", format_points, METH_VARARGS,
      "format_points(frame, now, max_name, max_output) -> (bytes, points, invalid)"},
     {NULL, NULL, 0, NULL},

@@ -28,9 +28,10 @@ import pickle
 import re
 
 try:
+    from carbonscale.relay._lines import check_memo as _check_memo_c
     from carbonscale.relay._lines import format_points as _format_points_c
 except ImportError:  # a checkout whose extension was not compiled
-    _format_points_c = None
+    _check_memo_c = _format_points_c = None
 
 # carbon's PICKLE_RECEIVER_MAX_LENGTH default.
 DEFAULT_MAX_FRAME = 1024 * 1024
@@ -61,10 +62,86 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent id refused")
 
 
+# ---------------------------------------------------------------- memo bombs
+
+# Opcode -> argument: bytes of a fixed argument (int), ("len", n) for an n-byte
+# little-endian length prefix, ("lines", n) for n newline-terminated lines.
+_FIXED = {op: 0 for op in b"(012Naebd}l]t)suRoQ"}
+_FIXED.update({op: 0 for op in (0x81, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8F, 0x90, 0x91, 0x92)})
+_FIXED.update({op: 0 for op in (0x93, 0x94, 0x97, 0x98)})
+_FIXED.update({op: 1 for op in (ord("K"), ord("h"), ord("q"), 0x80, 0x82)})
+_FIXED.update({op: 2 for op in (ord("M"), 0x83)})
+_FIXED.update({op: 4 for op in (ord("J"), ord("j"), ord("r"), 0x84)})
+_FIXED.update({op: 8 for op in (ord("G"), 0x95)})
+_LINES = {op: 1 for op in b"ILFSVgPp"}
+_LINES.update({ord("c"): 2, ord("i"): 2})
+_PREFIX = {op: 1 for op in (ord("U"), ord("C"), 0x8C, 0x8A)}
+_PREFIX.update({op: 4 for op in (ord("T"), ord("B"), ord("X"), 0x8B)})
+_PREFIX.update({op: 8 for op in (0x8D, 0x8E, 0x96)})
+
+
+def check_memo_py(frame: bytes) -> None:
+    """ValueError on a memo index at or past the frame's length, or an argument
+    running past its end; the reference twin of the C `check_memo`.
+
+    CPython's unpickler grows its memo array to twice the largest index it is
+    given: LONG_BINPUT 1078405844 in a 200-byte frame made it allocate and
+    zero 16 GiB. Honest pickles number memo entries from 0, each PUT taking at
+    least two bytes, so every index is below the frame's length.
+    """
+    size, pos, limit = len(frame), 0, len(frame)
+    while pos < size:
+        op = frame[pos]
+        pos += 1
+        if op == ord("."):
+            return
+        if op in _FIXED:
+            width = _FIXED[op]
+            if size - pos < width:
+                raise ValueError("the pickle ends inside an opcode's argument")
+            if op == ord("r") and int.from_bytes(frame[pos : pos + 4], "little") >= limit:
+                raise ValueError("memo index past the frame's length")
+            pos += width
+        elif op in _PREFIX:
+            width = _PREFIX[op]
+            if size - pos < width:
+                raise ValueError("the pickle ends inside a length")
+            length = int.from_bytes(frame[pos : pos + width], "little")
+            pos += width
+            if op == 0x8B and length & 0x80000000:
+                raise ValueError("negative length")
+            if length > size - pos:
+                raise ValueError("a length runs past the frame's end")
+            pos += length
+        elif op in _LINES:
+            for _ in range(_LINES[op]):
+                end = frame.find(b"\n", pos)
+                if end < 0:
+                    raise ValueError("the pickle ends inside a line argument")
+                if op == ord("p"):
+                    digits = frame[pos:end]
+                    if (
+                        not digits.isdigit()
+                        or len(digits) > 19
+                        or int(digits) >= limit
+                    ):
+                        raise ValueError("memo index past the frame's length")
+                pos = end + 1
+        else:
+            return  # unknown: the unpickler stops here too
+
+
+check_memo = _check_memo_c or check_memo_py
+
+
 def unpickle(frame: bytes):
     """The frame's object, or MalformedFrame. Trailing bytes after STOP are malformed."""
     # BufferedReader gives the C unpickler peek(), so it prefetches the whole
     # frame instead of calling read() per opcode (4x faster for protocol 2).
+    try:
+        check_memo(frame)
+    except ValueError as exc:
+        raise MalformedFrame(str(exc)) from None
     stream = io.BufferedReader(io.BytesIO(frame), buffer_size=len(frame) + 8)
     try:
         # encoding="bytes": Python 2 str (names, string numbers) arrive as bytes
