@@ -120,11 +120,7 @@ def check_memo_py(frame: bytes) -> None:
                     raise ValueError("the pickle ends inside a line argument")
                 if op == ord("p"):
                     digits = frame[pos:end]
-                    if (
-                        not digits.isdigit()
-                        or len(digits) > 19
-                        or int(digits) >= limit
-                    ):
+                    if not digits.isdigit() or len(digits) > 19 or int(digits) >= limit:
                         raise ValueError("memo index past the frame's length")
                 pos = end + 1
         else:
