@@ -177,28 +177,36 @@ def backends_from_inventory(
     """Backend specs of the statsd daemons on `hosts`, in inventory order.
 
     For each host (in the given order), each entry of its `statsd_instances`
-    (`{name, port, admin_port}`, in list order) becomes
-    `<carbonscale_address>:<port>:<admin_port>`. Every relay derives the same
-    list from the same inventory, so they all hash alike. The Ansible filter
-    `statsd_backends` is this function.
+    (`{name, port, admin_port}`, in list order; `default_instances` when the
+    host does not set it) becomes `<carbonscale_address>:<port>:<admin_port>`
+    (the default IPv4 address when carbonscale_address is unset). Every relay
+    derives the same list from the same inventory, so they all hash alike.
+    The Ansible filter `statsd_backends` is this function.
     """
     specs: list[str] = []
     for host in hosts:
+        if host not in hostvars:
+            raise CarbonscaleError(f"statsd host {host} is not in the inventory")
         hv = hostvars[host]
-        address = hv.get("carbonscale_address")
+        address = hv.get("carbonscale_address") or (
+            (hv.get("ansible_default_ipv4") or {}).get("address")
+        )
         if not address:
-            raise CarbonscaleError(f"host {host}: carbonscale_address is not set")
-        instances = hv.get("statsd_instances", default_instances)
+            raise CarbonscaleError(
+                f"statsd host {host} has no carbonscale_address (and no gathered default "
+                "IPv4 address): set carbonscale_address in the inventory"
+            )
+        instances = hv.get("statsd_instances") or default_instances
         if not instances:
-            raise CarbonscaleError(f"host {host}: statsd_instances is not set or empty")
-        for inst in instances:
-            try:
-                port, admin = int(inst["port"]), int(inst["admin_port"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CarbonscaleError(
-                    f"host {host}: statsd instance {inst!r} needs integer port and admin_port"
-                ) from exc
-            specs.append(parse_backend(f"{_bracket(str(address))}:{port}:{admin}").spec)
+            raise CarbonscaleError(f"statsd host {host}: statsd_instances is not set or empty")
+        for position, inst in enumerate(instances):
+            where = f"statsd host {host}: statsd_instances[{position}]"
+            if not isinstance(inst, Mapping):
+                raise CarbonscaleError(f"{where} must be a mapping with name, port, admin_port")
+            ports = inst.get("port"), inst.get("admin_port")
+            if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
+                raise CarbonscaleError(f"{where} needs integer port and admin_port, got {ports}")
+            specs.append(parse_backend(f"{_bracket(str(address))}:{ports[0]}:{ports[1]}").spec)
     parse_backends(specs)
     return specs
 
