@@ -332,7 +332,10 @@ def where_to_send(hosts, ports) -> str:
     lines = ["Where to send metrics:"]
     if any(front.values()):
         lines += [f"  {label}: {', '.join(a) or 'nothing listens'}" for label, a in front.items()]
-        lines.append("  (no LVS VIP yet: this kernel has no IPVS; send to a relay)")
+        lines.append(
+            "  (no LVS VIP: the LVS tier is not built yet and this kernel has no IPVS;"
+            " send to a relay)"
+        )
     else:
         lines.append("  no relay listens on 2003/2004/8125 yet (the relay tier is not deployed).")
         direct = [
