@@ -5,16 +5,10 @@ Every inventory here points at containers that do not exist: a check that
 tried to reach a host would fail as "unreachable", not with our message.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from ansible_runner import ROOT, run_playbook
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 INSTANCES = [
     {"name": "a", "line_port": 2103, "pickle_port": 2104, "query_port": 7102},
     {"name": "b", "line_port": 2203, "pickle_port": 2204, "query_port": 7202},
@@ -49,17 +43,7 @@ def inventory(tmp_path, storage=None, relays=None, storage_vars=None):
 
 
 def run(playbook, inv):
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    proc = subprocess.run(
-        [BIN / "ansible-playbook", "-i", str(inv), str(ROOT / playbook)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+    return run_playbook(["-i", str(inv), str(ROOT / playbook)])
 
 
 @pytest.mark.parametrize("inv", ["inventories/lab", "inventories/sample"])

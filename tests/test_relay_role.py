@@ -8,17 +8,14 @@ name the same member for every metric. The role itself runs on containers in
 molecule/relay.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from ansible_runner import BIN, ROOT, run_playbook
 from relay_oracle import RELAY, needs_relay, relay_test_owners
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 PLAY = """
 - hosts: localhost
@@ -83,17 +80,8 @@ def render(tmp_path, hosts=2, instances=("a", "b"), **role_vars):
     (tmp_path / "vars.yml").write_text(yaml.safe_dump({"out": str(out), **role_vars}))
     play = tmp_path / "play.yml"
     play.write_text(PLAY % {"root": ROOT})
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    proc = subprocess.run(
-        [BIN / "ansible-playbook", "-i", "hosts.yml", "-e", "@vars.yml", str(play)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, " ".join((proc.stdout + proc.stderr).split()), out
+    rc, output = run_playbook(["-i", "hosts.yml", "-e", "@vars.yml", str(play)], cwd=tmp_path)
+    return rc, output, out
 
 
 NAMES = ["a.b.c"] + [

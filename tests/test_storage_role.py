@@ -7,18 +7,12 @@ via the carbon_instances_errors filter over carbonscale.storage). The role
 itself is run on real containers by molecule/storage.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
+from ansible_runner import ROOT, run_playbook
 
 from carbonscale.storage import instance_errors
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 GOOD = [
     {"name": "a", "line_port": 2103, "pickle_port": 2104, "query_port": 7102},
     {"name": "b", "line_port": 2203, "pickle_port": 2204, "query_port": 7202},
@@ -45,17 +39,7 @@ def run_role_checks(tmp_path, instances):
     (tmp_path / "vars.yml").write_text(yaml.safe_dump({"carbon_instances": instances}))
     play = tmp_path / "play.yml"
     play.write_text(PLAY % {"root": ROOT})
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    env["PATH"] = f"{BIN}:{env['PATH']}"
-    proc = subprocess.run(
-        [BIN / "ansible-playbook", "-i", "localhost,", str(play)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+    return run_playbook(["-i", "localhost,", str(play)], cwd=tmp_path)
 
 
 def test_good_instances_pass(tmp_path):
