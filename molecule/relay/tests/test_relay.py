@@ -223,11 +223,10 @@ def test_relays_report_their_own_counters(hosts):
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         for relay in RELAYS:
-            short = relay
             for kind, metric in (
-                ("carbon-c-relay", f"carbon.relays.{short}.metricsReceived"),
-                ("pickle", f"carbon.relays.{short}.pickle.frames"),
-                ("statsd", f"carbon.relays.{short}.statsd.metrics_forwarded"),
+                ("carbon-c-relay", f"carbon.relays.{relay}.metricsReceived"),
+                ("pickle", f"carbon.relays.{relay}.pickle.frames"),
+                ("statsd", f"carbon.relays.{relay}.statsd.metrics_forwarded"),
             ):
                 path = f"{WHISPER}/{metric.replace('.', '/')}.wsp"
                 found[(relay, kind)] = any(hosts[s].file(path).exists for s in STORAGE)
