@@ -4,7 +4,7 @@
 # baselines run on the controller; python3-venv for .venv, iproute2 for the
 # lab's route check. Installs only what is missing.
 set -euo pipefail
-want="carbon-c-relay debootstrap rsync python3-venv iproute2"
+want="carbon-c-relay keepalived debootstrap rsync python3-venv iproute2"
 missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

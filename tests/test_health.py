@@ -53,3 +53,8 @@ def test_nothing_listening_is_down():
 
 def test_tcp_connect_up():
     assert tcp_connect("127.0.0.1", _serve_once(b""))
+
+
+def test_statsd_admin_other_reply_is_down():
+    # A reply that merely contains "up" somewhere is not statsd saying up.
+    assert not statsd_admin_health("127.0.0.1", _serve_once(b"unsupported command\n"))

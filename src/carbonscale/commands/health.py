@@ -1,0 +1,93 @@
+"""`carbonscale health`: flap-damped checks for load balancers.
+
+`carbonscale health statsd|tcp HOST PORT --state FILE` is one check run (for
+keepalived's MISC_CHECK): exit 0 when the server may be used, 1 when it is
+down or suppressed for flapping. `carbonscale health pool CONFIG` is the
+checker of the userspace pool (nginx stream) on directors without IPVS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from carbonscale.flap import SEED_HALF_LIFE, SEED_PENALTY, SEED_REUSE_LIMIT, SEED_SUPPRESS_LIMIT
+from carbonscale.health import Pool, damped_check, damper_from
+
+
+def _flap_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state",
+        metavar="FILE",
+        help="flap state file kept across runs (without it the check is undamped)",
+    )
+    parser.add_argument("--timeout", type=float, default=1.0, help="seconds (default 1)")
+    parser.add_argument(
+        "--half-life", type=float, default=SEED_HALF_LIFE, help="seconds (default %(default)g)"
+    )
+    parser.add_argument("--reuse-limit", type=float, default=SEED_REUSE_LIMIT)
+    parser.add_argument("--suppress-limit", type=float, default=SEED_SUPPRESS_LIMIT)
+    parser.add_argument("--penalty", type=float, default=SEED_PENALTY, help="per state change")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "health",
+        help="flap-damped health checks (keepalived MISC_CHECK, userspace pool)",
+        description=__doc__.split("\n\n", 1)[1],
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for kind, text in (
+        ("statsd", "ask a statsd admin port `health` (reply `health: up`)"),
+        ("tcp", "connect to a TCP port"),
+    ):
+        check = verbs.add_parser(kind, help=text, description=text + "; exit 0 usable, 1 not")
+        check.add_argument("host")
+        check.add_argument("port", type=int)
+        _flap_args(check)
+        check.set_defaults(func=run_check, kind=kind)
+
+    pool = verbs.add_parser(
+        "pool",
+        help="check real servers and keep nginx's stream upstreams up to date",
+        description=(
+            "Check every real server of the pool config with flap damping and rewrite "
+            "nginx's upstreams when the usable set changes (nginx -t, then reload)."
+        ),
+    )
+    pool.add_argument("config", help="pool config (JSON, written by the lvs_director role)")
+    pool.add_argument(
+        "--init",
+        action="store_true",
+        help="only write the upstreams, every server in, if the file is missing; print "
+        "'created' or 'kept'",
+    )
+    pool.add_argument("--rounds", type=int, help="stop after N rounds (default: run forever)")
+    pool.set_defaults(func=run_pool)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    damper = damper_from(
+        {
+            "half_life": args.half_life,
+            "reuse_limit": args.reuse_limit,
+            "suppress_limit": args.suppress_limit,
+            "penalty": args.penalty,
+        }
+    )
+    result = damped_check(args.kind, args.host, args.port, damper, args.state, args.timeout)
+    if not args.quiet:
+        print(f"{args.kind} {args.host}:{args.port} {result.describe(damper)}")
+    return 0 if result.usable else 1
+
+
+def run_pool(args: argparse.Namespace) -> int:
+    pool = Pool.load(args.config)
+    if args.init:
+        print("created" if pool.init() else "kept")
+        return 0
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
+    pool.run(args.rounds)
+    return 0
