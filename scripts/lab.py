@@ -243,12 +243,26 @@ def ansible_playbook(playbook: str, inventory: str, extra_vars: dict | None = No
     return time.monotonic() - started
 
 
+# The relays are LVS direct-routing real servers: the VIP on lo must never be
+# answered for in ARP. A container's /proc/sys is read-only, so docker sets
+# these at creation; roles/lvs_realserver persists them and finds them set.
+REALSERVER_SYSCTLS = {
+    f"net.ipv4.conf.{dev}.{key}": value
+    for dev in ("all", "lo")
+    for key, value in (("arp_ignore", "1"), ("arp_announce", "2"))
+}
+
+
 def lab_vars(hosts: list[LabHost], network: str) -> dict:
     return {
         "lab_owner": OWNER,
         "lab_network": network,
         "lab_containers": [
-            {"name": h.container, "networks": [{"name": network, "ipv4_address": h.address}]}
+            {
+                "name": h.container,
+                "networks": [{"name": network, "ipv4_address": h.address}],
+                **({"sysctls": REALSERVER_SYSCTLS} if "relays" in h.groups else {}),
+            }
             for h in hosts
         ],
     }

@@ -91,12 +91,15 @@ CARBONSCALE = "/usr/local/bin/carbonscale"
 
 
 def front_door(cluster: Cluster) -> tuple[str, str]:
-    """(host to send from, HOST:PORT to send to): a relay's line port.
+    """(host to send from, HOST:PORT to send to): the LVS VIP's line port.
 
-    The LVS VIP is not the front door here: this kernel has no IPVS (see the
-    README), so the lab and this test send to a relay directly.
+    Sent from a storage node: a relay carries the VIP on lo (direct routing)
+    and would deliver to itself. Without directors, a relay's line port.
     """
     relay = cluster.group("relays")[0]
+    vips = cluster.vars(relay).get("lvs_vips") or []
+    if vips and cluster.group("lvs"):
+        return cluster.group("storage")[0], f"{vips[0]}:2003"
     return relay, f"{cluster.vars(relay)['carbonscale_address']}:2003"
 
 
@@ -141,7 +144,7 @@ def test_metrics_land_where_the_ring_says(cluster, report):
         pytest.skip("; ".join(missing))
 
     sender, door = front_door(cluster)
-    relay = cluster.host(sender)
+    relay = cluster.host(cluster.group("relays")[0])
     # A fresh prefix per run, so files of earlier runs prove nothing.
     stamp = relay.run("date +%s%N").stdout.strip()
     prefix = f"carbonscale.smoke.run{stamp}."
@@ -159,9 +162,9 @@ def test_metrics_land_where_the_ring_says(cluster, report):
         expected[metric] = {members[owner][0] for owner in owners}
     assert len(expected) == METRICS
 
-    sent = relay.run(f"{gen} --send {door}")
+    sent = cluster.host(sender).run(f"{gen} --send {door}")
     assert sent.rc == 0, sent.stderr
-    report.add(f"{METRICS} metrics sent from {sender} to the relay at {door} (line protocol)")
+    report.add(f"{METRICS} metrics sent from {sender} to {door} (line protocol)")
 
     # carbon-cache writes asynchronously (MAX_CREATES_PER_MINUTE paces new
     # files): poll until every expected file is there, or time out.
