@@ -1,7 +1,7 @@
 """Ansible filters over carbonscale.lvs: what is wrong with the LVS services.
 
-    {{ lvs_services | lvs_service_errors(lvs_vips, ansible_facts) }}
-      -> ["lvs_services[1] (pickle): TCP port 2003 is already used by ...", ...]
+    {{ lvs_director_services | lvs_service_errors(lvs_director_vips, ansible_facts) }}
+      -> ["lvs_director_services[1] (pickle): TCP port 2003 is already used by ...", ...]
 
 Empty when the services, the VIPs and the director's networks (from its
 facts; None skips that check) fit together. The lvs_director role fails with

@@ -23,7 +23,7 @@ from carbonscale.lvs import (
 )
 
 DEFAULTS = yaml.safe_load((ROOT / "roles/lvs_director/defaults/main.yml").read_text())
-SERVICES = DEFAULTS["lvs_services"]
+SERVICES = DEFAULTS["lvs_director_services"]
 KEEPALIVED = shutil.which("keepalived") or "/usr/sbin/keepalived"
 needs_keepalived = pytest.mark.skipif(
     not shutil.which(KEEPALIVED), reason="keepalived is not installed (make host-deps)"
@@ -44,7 +44,7 @@ def test_default_services_are_fine():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"port": 2003}, "TCP port 2003 is already used by lvs_services[0] (line)"),
+        ({"port": 2003}, "TCP port 2003 is already used by lvs_director_services[0] (line)"),
         ({"scheduler": "fastest"}, "unknown scheduler 'fastest'"),
         ({"persistence_timeout": 300, "protocol": "TCP"}, None),
         ({"method": "XX"}, "method must be one of DR, NAT, TUN"),
@@ -134,8 +134,8 @@ RENDER = """
   connection: local
   vars:
     carbonscale_venv: /opt/carbonscale/venv
-    lvs_engine_resolved: {engine: ipvs, reason: test}
-    lvs_keepalived_ipvs: true
+    lvs_director_engine_resolved: {engine: ipvs, reason: test}
+    lvs_director_keepalived_ipvs: true
   tasks:
     - name: The role's defaults and variables
       ansible.builtin.include_vars: "{{ item }}"
@@ -144,12 +144,12 @@ RENDER = """
         - %(root)s/roles/lvs_director/vars/main.yml
     - name: The inventory's values (set_fact wins over include_vars)
       ansible.builtin.set_fact:
-        lvs_real_servers: [10.0.0.21, 10.0.0.22]
-        lvs_vips: [10.0.0.100, 10.0.0.101]
-        lvs_vrrp_interface: eth0
-        lvs_vrrp_priority: 150
+        lvs_director_real_servers: [10.0.0.21, 10.0.0.22]
+        lvs_director_vips: [10.0.0.100, 10.0.0.101]
+        lvs_director_vrrp_interface: eth0
+        lvs_director_vrrp_priority: 150
         # A user this machine has (keepalived checks that it exists).
-        lvs_script_user: nobody
+        lvs_director_script_user: nobody
     - name: The role's template
       ansible.builtin.template:
         src: %(root)s/roles/lvs_director/templates/keepalived.conf.j2
@@ -248,10 +248,10 @@ VALIDATE = """
         - %(root)s/roles/lvs_director/vars/main.yml
     - name: Extra variables win over include_vars
       ansible.builtin.set_fact:
-        lvs_services: "{{ services | default(lvs_services) }}"
-        lvs_vips: "{{ vips }}"
-        lvs_real_servers: [10.0.0.21]
-        lvs_vrrp_priority: 150
+        lvs_director_services: "{{ services | default(lvs_director_services) }}"
+        lvs_director_vips: "{{ vips }}"
+        lvs_director_real_servers: [10.0.0.21]
+        lvs_director_vrrp_priority: 150
     - name: The role's argument specs
       ansible.builtin.validate_argument_spec:
         argument_spec: "{{ (lookup('file', '%(root)s/roles/lvs_director/meta/argument_specs.yml')
@@ -285,7 +285,8 @@ def test_role_accepts_the_defaults(tmp_path):
     [
         (
             {"port": 2003},
-            "lvs_services[1] (pickle): TCP port 2003 is already used by lvs_services[0] (line)",
+            "lvs_director_services[1] (pickle): TCP port 2003 is already used by "
+            "lvs_director_services[0] (line)",
         ),
         ({"scheduler": "fastest"}, "value of scheduler must be one of: rr, wrr, lc, wlc"),
         (

@@ -34,7 +34,7 @@ IPVS_PROC = "/proc/net/ip_vs"
 
 def _where(index: int, service: dict) -> str:
     name = service.get("name") if isinstance(service, dict) else None
-    return f"lvs_services[{index}]" + (f" ({name})" if name else "")
+    return f"lvs_director_services[{index}]" + (f" ({name})" if name else "")
 
 
 def service_errors(services: list, vips: list, networks: list[str] | None = None) -> list[str]:
@@ -46,7 +46,7 @@ def service_errors(services: list, vips: list, networks: list[str] | None = None
     """
     errors: list[str] = []
     if not isinstance(services, list) or not services:
-        return ["lvs_services must be a non-empty list of services"]
+        return ["lvs_director_services must be a non-empty list of services"]
     if not isinstance(vips, list) or not vips:
         errors.append("lvs_vips must list at least one virtual IP address")
         vips = []

@@ -27,7 +27,8 @@ CARBONSCALE = "/opt/carbonscale/venv/bin/carbonscale"
 WHISPER = "/var/lib/graphite/whisper"
 UPSTREAMS = "/etc/carbonscale/lvs/upstreams.conf"
 POOL_STATE = "/var/lib/carbonscale/lvs/pool-flap.json"
-HALF_LIFE, REUSE_LIMIT = 10.0, 10.0  # molecule.yml's lvs_flap_half_life, the seed's reuse
+IPVS_CONFIG = "/etc/carbonscale/lvs/keepalived-ipvs.conf"
+HALF_LIFE, REUSE_LIMIT = 10.0, 10.0  # molecule.yml's lvs_director_flap_half_life, the seed's reuse
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,7 @@ def hosts(request):
     inventory = request.config.option.ansible_inventory
     names = ["lvs-director2", *RELAYS, "lvs-storage1"]
     return {
-        name: testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory)
-        for name in names
+        name: testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory) for name in names
     }
 
 
@@ -92,10 +92,11 @@ def test_keepalived_runs_vrrp_only_and_the_ipvs_config_passes_the_config_test(ho
     assert director.service("keepalived").is_running
     running = director.file("/etc/keepalived/keepalived.conf").content_string
     assert "virtual_server" not in running and "vrrp_instance carbonscale" in running
-    ipvs = director.file("/etc/carbonscale/lvs/keepalived-ipvs.conf").content_string
+    ipvs = director.file(IPVS_CONFIG).content_string
     assert ipvs.count("virtual_server ") == 3
     assert "protocol UDP\n    ops\n" in ipvs and "MISC_CHECK" in ipvs
-    assert director.run(f"{CARBONSCALE} lvs config-test /etc/carbonscale/lvs/keepalived-ipvs.conf").rc == 0
+    tested = director.run(f"{CARBONSCALE} lvs config-test {IPVS_CONFIG}")
+    assert tested.rc == 0, tested.stderr
     # The kernel really lacks IPVS, and lvs_engine: ipvs says so.
     refused = director.run(f"{CARBONSCALE} lvs engine ipvs")
     assert refused.rc == 2
@@ -193,8 +194,10 @@ def test_relays_carry_the_vip_on_lo_across_a_reboot(hosts):
     assert f"inet {VIP}/32" in relay1.check_output("ip -4 address show dev lo")
     os.system("docker restart lvs-relay1 >/dev/null")
     assert wait_for(
-        lambda: relay1.run("systemctl is-system-running --wait").stdout.strip()
-        in ("running", "degraded"),
+        lambda: (
+            relay1.run("systemctl is-system-running --wait").stdout.strip()
+            in ("running", "degraded")
+        ),
         120,
         1,
     )
