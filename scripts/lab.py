@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Label value on every container and network the lab creates; destroy removes
@@ -330,6 +332,16 @@ def topology(hosts, subnet, network, source) -> tuple[str, dict[str, dict[str, l
     return "\n".join(lines), ports
 
 
+def lab_vips() -> list[str]:
+    """lvs_vips from the lab inventory's group_vars/all.yml (empty if unset)."""
+    path = Path(inventory_path()) / "group_vars" / "all.yml"
+    try:
+        found = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(v) for v in found.get("lvs_vips") or []]
+
+
 def where_to_send(hosts, ports) -> str:
     """Where metrics go in, from what actually listens (not from what should)."""
     front = {"tcp 2003 (line)": [], "tcp 2004 (pickle)": [], "udp 8125 (statsd)": []}
@@ -346,10 +358,12 @@ def where_to_send(hosts, ports) -> str:
     lines = ["Where to send metrics:"]
     if any(front.values()):
         lines += [f"  {label}: {', '.join(a) or 'nothing listens'}" for label, a in front.items()]
-        lines.append(
-            "  (no LVS VIP: the LVS tier is not built yet and this kernel has no IPVS;"
-            " send to a relay)"
-        )
+        vips = lab_vips()
+        if vips and any("lvs" in h.groups for h in hosts):
+            lines.append(
+                f"  LVS VIP {', '.join(vips)}: tcp 2003, tcp 2004, udp 8125 (the front door:"
+                " nginx stream on the VRRP master, as this kernel has no IPVS)"
+            )
     else:
         lines.append("  no relay listens on 2003/2004/8125 yet (the relay tier is not deployed).")
         direct = [
