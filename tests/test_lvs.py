@@ -134,6 +134,7 @@ RENDER = """
   connection: local
   vars:
     carbonscale_venv: /opt/carbonscale/venv
+    carbonscale_address: 10.0.0.11
     lvs_director_engine_resolved: {engine: ipvs, reason: test}
     lvs_director_keepalived_ipvs: true
   tasks:
@@ -148,6 +149,8 @@ RENDER = """
         lvs_director_vips: [10.0.0.100, 10.0.0.101]
         lvs_director_vrrp_interface: eth0
         lvs_director_vrrp_priority: 150
+        lvs_director_vrrp_auth_pass: secret12
+        lvs_director_vrrp_unicast_peers: [10.0.0.12]
         # A user this machine has (keepalived checks that it exists).
         lvs_director_script_user: nobody
     - name: The role's template
@@ -184,6 +187,10 @@ def test_rendered_ipvs_config_has_every_virtual_server(rendered):
     line = text.split("virtual_server 10.0.0.100 2003 {")[1].split("virtual_server")[0]
     assert "lvs_method DR" in line and "lvs_sched wlc" in line and line.count("TCP_CHECK") == 2
     assert "enable_script_security" in text and "script_user nobody" in text
+    vrrp = text.split("vrrp_instance carbonscale {")[1].split("\n}\n")[0]
+    assert "auth_pass secret12" in vrrp
+    assert "unicast_src_ip 10.0.0.11" in vrrp and "unicast_peer {\n        10.0.0.12\n" in vrrp
+    assert "10.0.0.100/32 dev eth0" in vrrp and "10.0.0.101/32 dev eth0" in vrrp
 
 
 def _keepalived_version() -> tuple[int, ...]:

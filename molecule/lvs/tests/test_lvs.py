@@ -183,6 +183,26 @@ def test_a_flapping_relay_stays_out_until_its_penalty_decays_below_reuse(hosts):
     assert release - 1.0 <= back <= release + 5.0, (back, release)
 
 
+def test_a_director_whose_nginx_stops_gives_up_the_vip(hosts):
+    director = hosts["lvs-director2"]
+
+    def holds_vip() -> bool:
+        return f"inet {VIP}/32" in director.check_output("ip -4 address show dev eth0")
+
+    assert holds_vip()
+    director.run("systemctl stop nginx")
+    try:
+        # vrrp_script: a connect every second, two failures -> FAULT.
+        assert wait_for(lambda: not holds_vip(), 10)
+        assert "Entering FAULT STATE" in director.check_output(
+            "journalctl -u keepalived --no-pager -n 20"
+        )
+    finally:
+        director.run("systemctl start nginx")
+    assert wait_for(holds_vip, 15)
+    send_line(f"molecule.lvs.nginx_back.run{time.time_ns()}")
+
+
 def test_relays_carry_the_vip_on_lo_across_a_reboot(hosts):
     relay1 = hosts["lvs-relay1"]
     conf = relay1.file("/etc/sysctl.d/60-carbonscale-lvs-realserver.conf").content_string
