@@ -314,3 +314,15 @@ def test_role_refuses_a_vip_outside_every_network(tmp_path):
     code, output = _validate(tmp_path, None, ["198.51.100.77"])
     assert code != 0
     assert "lvs_vips: 198.51.100.77 is outside every network of this director" in output, output
+
+
+def test_the_userspace_pool_knows_every_scheduler_and_check():
+    # One IPVS scheduler list (argument specs, service_errors) and the nginx
+    # translation of each; one list of checks and the probes behind them.
+    from carbonscale.health import NGINX_BALANCE, PROBES
+    from carbonscale.lvs import CHECKS, SCHEDULERS
+
+    spec = yaml.safe_load((ROOT / "roles/lvs_director/meta/argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]["lvs_director_services"]["options"]
+    assert set(SCHEDULERS) == set(NGINX_BALANCE) == set(options["scheduler"]["choices"])
+    assert set(CHECKS) == set(PROBES) == set(options["check"]["choices"])
