@@ -1,8 +1,10 @@
 """ansible-playbook from the project venv, with the project's ansible.cfg.
 
-The tests that drive roles and playbooks on localhost (preflight, the storage
-and relay roles' checks) read one thing back: the exit code and the output,
-whitespace collapsed so a message wrapped by Ansible's callback still matches.
+The tests that drive roles and playbooks on localhost (preflight, the storage,
+relay and LVS roles' checks) read one thing back: the exit code and the
+output, whitespace collapsed so a message wrapped by Ansible's callback still
+matches. `role_vars_task` is the first task of the plays that run a role's
+tasks or templates outside the role.
 """
 
 from __future__ import annotations
@@ -29,3 +31,17 @@ def run_playbook(args: list[str], cwd: Path = ROOT) -> tuple[int, str]:
         timeout=300,
     )
     return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
+
+
+def role_vars_task(role: str) -> str:
+    """A play task (YAML, indented for `tasks:`) loading ROLE's defaults and vars.
+
+    include_vars outranks play vars: a play that sets the inventory's values
+    must do so with set_fact after this task.
+    """
+    return f"""    - name: The role's defaults and variables
+      ansible.builtin.include_vars: "{{{{ item }}}}"
+      loop:
+        - {ROOT}/roles/{role}/defaults/main.yml
+        - {ROOT}/roles/{role}/vars/main.yml
+"""

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import yaml
-from ansible_runner import ROOT, run_playbook
+from ansible_runner import ROOT, role_vars_task, run_playbook
 
 from carbonscale import CarbonscaleError
 from carbonscale.lvs import (
@@ -138,12 +138,7 @@ RENDER = """
     lvs_director_engine_resolved: {engine: ipvs, reason: test}
     lvs_director_keepalived_ipvs: true
   tasks:
-    - name: The role's defaults and variables
-      ansible.builtin.include_vars: "{{ item }}"
-      loop:
-        - %(root)s/roles/lvs_director/defaults/main.yml
-        - %(root)s/roles/lvs_director/vars/main.yml
-    - name: The inventory's values (set_fact wins over include_vars)
+%(role_vars)s    - name: The inventory's values (set_fact wins over include_vars)
       ansible.builtin.set_fact:
         lvs_director_real_servers: [10.0.0.21, 10.0.0.22]
         lvs_director_vips: [10.0.0.100, 10.0.0.101]
@@ -165,7 +160,7 @@ RENDER = """
 def rendered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lvs")
     play = tmp / "render.yml"
-    play.write_text(RENDER % {"root": ROOT})
+    play.write_text(RENDER % {"root": ROOT, "role_vars": role_vars_task("lvs_director")})
     out = tmp / "keepalived.conf"
     code, output = run_playbook([str(play), "-e", f"out={out}"])
     assert code == 0, output
@@ -248,12 +243,7 @@ VALIDATE = """
   gather_subset: [network]
   connection: local
   tasks:
-    - name: The role's defaults and variables
-      ansible.builtin.include_vars: "{{ item }}"
-      loop:
-        - %(root)s/roles/lvs_director/defaults/main.yml
-        - %(root)s/roles/lvs_director/vars/main.yml
-    - name: Extra variables win over include_vars
+%(role_vars)s    - name: Extra variables win over include_vars
       ansible.builtin.set_fact:
         lvs_director_services: "{{ services | default(lvs_director_services) }}"
         lvs_director_vips: "{{ vips }}"
@@ -270,7 +260,7 @@ VALIDATE = """
 
 def _validate(tmp_path, services, vips):
     play = tmp_path / "validate.yml"
-    play.write_text(VALIDATE % {"root": ROOT})
+    play.write_text(VALIDATE % {"root": ROOT, "role_vars": role_vars_task("lvs_director")})
     extra = {"vips": vips} | ({"services": services} if services is not None else {})
     return run_playbook([str(play), "-e", yaml.safe_dump(extra, default_flow_style=True)])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ansible_runner import BIN, ROOT, run_playbook
+from ansible_runner import BIN, ROOT, role_vars_task, run_playbook
 from relay_oracle import RELAY, needs_relay, relay_test_owners
 
 PLAY = """
@@ -24,12 +24,7 @@ PLAY = """
   vars:
     ansible_facts: {processor_vcpus: 2}
   tasks:
-    - name: The role's defaults and variables
-      ansible.builtin.include_vars: "{{ item }}"
-      loop:
-        - %(root)s/roles/carbon_relay/defaults/main.yml
-        - %(root)s/roles/carbon_relay/vars/main.yml
-    - name: The role's cluster checks
+%(role_vars)s    - name: The role's cluster checks
       ansible.builtin.include_tasks: %(root)s/roles/carbon_relay/tasks/clusters.yml
     - name: The role's template
       ansible.builtin.template:
@@ -79,7 +74,7 @@ def render(tmp_path, hosts=2, instances=("a", "b"), **role_vars):
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "vars.yml").write_text(yaml.safe_dump({"out": str(out), **role_vars}))
     play = tmp_path / "play.yml"
-    play.write_text(PLAY % {"root": ROOT})
+    play.write_text(PLAY % {"root": ROOT, "role_vars": role_vars_task("carbon_relay")})
     rc, output = run_playbook(["-i", "hosts.yml", "-e", "@vars.yml", str(play)], cwd=tmp_path)
     return rc, output, out
 
