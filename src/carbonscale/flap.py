@@ -130,6 +130,23 @@ class FlapDamper:
         return state.updated + self.half_life * math.log2(state.penalty / self.reuse_limit)
 
 
+def write_atomically(path: str, text: str, mode: int | None = None) -> None:
+    """Replace `path` with `text` by a rename: a reader (nginx, the next check
+    run) sees the old file or the new one, never a torn one. Without `mode`
+    the file is private to its owner (mkstemp's 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 class FlapStore:
     """Flap states by backend name, kept in a JSON file across check runs.
 
@@ -177,16 +194,8 @@ class FlapStore:
             return {}
 
     def _save(self) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".flap-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({name: asdict(st) for name, st in self.states.items()}, handle)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        states = {name: asdict(st) for name, st in self.states.items()}
+        write_atomically(self.path, json.dumps(states))
 
     def get(self, name: str) -> FlapState:
         return self.states.setdefault(name, FlapState())

@@ -13,19 +13,17 @@ the servers that failed their check or are suppressed for flapping.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from carbonscale import CarbonscaleError
-from carbonscale.flap import FlapDamper, FlapState, FlapStore
+from carbonscale.flap import FlapDamper, FlapState, FlapStore, write_atomically
 
 log = logging.getLogger("carbonscale.health")
 
@@ -312,18 +310,8 @@ class Pool:
             return None
 
     def _write(self, text: str) -> None:
-        directory = os.path.dirname(os.path.abspath(self.upstreams))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".upstreams-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.upstreams)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(self.upstreams)), exist_ok=True)
+        write_atomically(self.upstreams, text, 0o644)
 
     def init(self) -> bool:
         """Write the upstreams with every server in the pool unless the file
