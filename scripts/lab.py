@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Label value on every container and network the lab creates; destroy removes
@@ -49,6 +47,8 @@ class LabHost:
     container: str
     address: str
     groups: tuple[str, ...]
+    # lvs_vips as Ansible resolves it for this host (group_vars included).
+    vips: tuple[str, ...] = ()
 
 
 def inventory_path() -> str:
@@ -108,7 +108,11 @@ def lab_hosts(inventory: dict, source: str) -> list[LabHost]:
                 )
         hosts.append(
             LabHost(
-                name, found["ansible_host"], found["carbonscale_address"], tuple(member_of[name])
+                name,
+                found["ansible_host"],
+                found["carbonscale_address"],
+                tuple(member_of[name]),
+                tuple(str(vip) for vip in found.get("lvs_vips") or ()),
             )
         )
     if not hosts:
@@ -332,16 +336,6 @@ def topology(hosts, subnet, network, source) -> tuple[str, dict[str, dict[str, l
     return "\n".join(lines), ports
 
 
-def lab_vips() -> list[str]:
-    """lvs_vips from the lab inventory's group_vars/all.yml (empty if unset)."""
-    path = Path(inventory_path()) / "group_vars" / "all.yml"
-    try:
-        found = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return []
-    return [str(v) for v in found.get("lvs_vips") or []]
-
-
 def where_to_send(hosts, ports) -> str:
     """Where metrics go in, from what actually listens (not from what should)."""
     front = {"tcp 2003 (line)": [], "tcp 2004 (pickle)": [], "udp 8125 (statsd)": []}
@@ -358,11 +352,11 @@ def where_to_send(hosts, ports) -> str:
     lines = ["Where to send metrics:"]
     if any(front.values()):
         lines += [f"  {label}: {', '.join(a) or 'nothing listens'}" for label, a in front.items()]
-        vips = lab_vips()
-        if vips and any("lvs" in h.groups for h in hosts):
+        vips = sorted({vip for h in hosts if "lvs" in h.groups for vip in h.vips})
+        if vips:
             lines.append(
                 f"  LVS VIP {', '.join(vips)}: tcp 2003, tcp 2004, udp 8125 (the front door:"
-                " nginx stream on the VRRP master, as this kernel has no IPVS)"
+                " the virtual services of the VRRP master)"
             )
     else:
         lines.append("  no relay listens on 2003/2004/8125 yet (the relay tier is not deployed).")
