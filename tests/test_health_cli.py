@@ -224,3 +224,16 @@ def test_pool_init_rewrites_only_when_the_servers_change(tmp_path):
     assert pool.init() is True
     assert "server 127.0.0.2:8125 weight=1;" in pool.current()
     assert " down;" not in pool.current()
+
+
+def test_pool_default_scheduler_is_keepaliveds(tmp_path):
+    # keepalived's virtual_server and the userspace pool balance a service
+    # that names no scheduler the same way: wlc, least connections in nginx.
+    raw = {
+        "services": [{"name": "x", "protocol": "TCP", "port": 1, "servers": [{"address": "a"}]}],
+        "upstreams": str(tmp_path / "u"),
+        "state": str(tmp_path / "s"),
+    }
+    pool = Pool.from_dict(raw, source="pool.json")
+    assert pool.services[0].scheduler == "wlc"
+    assert "upstream carbonscale_x {\n    least_conn;\n" in pool.render(None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from carbonscale import CarbonscaleError
 from carbonscale.flap import FlapDamper, FlapState, FlapStore, write_atomically
+from carbonscale.lvs import DEFAULT_SCHEDULER
 
 log = logging.getLogger("carbonscale.health")
 
@@ -209,7 +210,7 @@ class Pool:
         try:
             services = []
             for svc in raw["services"]:
-                scheduler = svc.get("scheduler", "rr")
+                scheduler = svc.get("scheduler", DEFAULT_SCHEDULER)
                 if scheduler not in NGINX_BALANCE:
                     raise CarbonscaleError(
                         f"{source}: service {svc['name']}: unknown scheduler {scheduler!r}"

@@ -25,6 +25,8 @@ from carbonscale import CarbonscaleError
 
 # The schedulers of the IPVS kernel modules (ip_vs_<name>) keepalived accepts.
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh")
+# A service without a scheduler: keepalived's and the userspace pool's.
+DEFAULT_SCHEDULER = "wlc"
 METHODS = ("DR", "NAT", "TUN")
 PROTOCOLS = ("TCP", "UDP")
 CHECKS = ("tcp", "statsd")
@@ -80,7 +82,7 @@ def service_errors(services: list, vips: list, networks: list[str] | None = None
                 errors.append(f"{where}: {protocol} port {port} is already used by {seen[key]}")
             else:
                 seen[key] = where
-        scheduler = service.get("scheduler", "wlc")
+        scheduler = service.get("scheduler", DEFAULT_SCHEDULER)
         if scheduler not in SCHEDULERS:
             errors.append(
                 f"{where}: unknown scheduler {scheduler!r} (IPVS has {', '.join(SCHEDULERS)})"
