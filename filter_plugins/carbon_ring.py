@@ -20,6 +20,7 @@ from ansible.errors import AnsibleFilterError
 
 try:
     from carbonscale import CarbonscaleError
+    from carbonscale.inventory import bracket, host_address
     from carbonscale.ring import Member, Ring, parse_member
 
     IMPORT_ERROR = None
@@ -46,8 +47,7 @@ def _instance_member(host: str, address: str, instance: object, position: int) -
         raise AnsibleFilterError(f"{where} ({name}) needs line_port in 1-65535, got {port!r}")
     try:
         # An IPv6 carbonscale_address needs brackets in member syntax.
-        host = f"[{address}]" if ":" in address and not address.startswith("[") else address
-        return parse_member(f"{host}:{port}={name}")
+        return parse_member(f"{bracket(address)}:{port}={name}")
     except CarbonscaleError as exc:
         raise AnsibleFilterError(f"{where}: {exc}") from exc
 
@@ -59,17 +59,11 @@ def carbon_ring_members(storage_hosts: list[str], hostvars: dict) -> list[str]:
         raise AnsibleFilterError("carbon_ring_members: no storage hosts given")
     members: list[Member] = []
     for host in storage_hosts:
-        if host not in hostvars:
-            raise AnsibleFilterError(f"storage host {host} is not in the inventory")
+        try:
+            address = host_address(host, hostvars, "storage host")
+        except CarbonscaleError as exc:
+            raise AnsibleFilterError(str(exc)) from exc
         facts = hostvars[host]
-        address = facts.get("carbonscale_address") or (
-            (facts.get("ansible_default_ipv4") or {}).get("address")
-        )
-        if not address:
-            raise AnsibleFilterError(
-                f"storage host {host} has no carbonscale_address (and no gathered "
-                f"default IPv4 address): set carbonscale_address in the inventory"
-            )
         instances = facts.get("carbon_instances")
         if not isinstance(instances, list) or not instances:
             raise AnsibleFilterError(

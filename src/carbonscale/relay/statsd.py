@@ -54,6 +54,7 @@ from carbonscale.flap import (
     FlapStore,
 )
 from carbonscale.health import statsd_admin_health
+from carbonscale.inventory import bracket, host_address
 from carbonscale.relay import udpio
 from carbonscale.ring import fnv1a_64, jump_hash, xorshift64
 
@@ -185,17 +186,8 @@ def backends_from_inventory(
     """
     specs: list[str] = []
     for host in hosts:
-        if host not in hostvars:
-            raise CarbonscaleError(f"statsd host {host} is not in the inventory")
+        address = bracket(host_address(host, hostvars, "statsd host"))
         hv = hostvars[host]
-        address = hv.get("carbonscale_address") or (
-            (hv.get("ansible_default_ipv4") or {}).get("address")
-        )
-        if not address:
-            raise CarbonscaleError(
-                f"statsd host {host} has no carbonscale_address (and no gathered default "
-                "IPv4 address): set carbonscale_address in the inventory"
-            )
         instances = hv.get("statsd_instances") or default_instances
         if not instances:
             raise CarbonscaleError(f"statsd host {host}: statsd_instances is not set or empty")
@@ -206,13 +198,9 @@ def backends_from_inventory(
             ports = inst.get("port"), inst.get("admin_port")
             if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
                 raise CarbonscaleError(f"{where} needs integer port and admin_port, got {ports}")
-            specs.append(parse_backend(f"{_bracket(str(address))}:{ports[0]}:{ports[1]}").spec)
+            specs.append(parse_backend(f"{address}:{ports[0]}:{ports[1]}").spec)
     parse_backends(specs)
     return specs
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 # --------------------------------------------------------------------------
