@@ -251,7 +251,8 @@ typedef struct {
 } run_t;
 
 typedef struct {
-	unsigned char *image; /* scratch, same layout as the DST file */
+	const unsigned char *dst; /* the DST file */
+	unsigned char *image; /* scratch, same layout as the DST file: only the runs are set */
 	unsigned char *work;  /* scratch for two lines of max_points (11 bytes a point) */
 	int64_t max_points;
 	run_t *runs;
@@ -264,8 +265,10 @@ add_run(plan_t *plan, int64_t offset, int64_t length)
 {
 	if (plan->nruns > 0) {
 		run_t *last = &plan->runs[plan->nruns - 1];
-		int64_t gap = offset - (last->offset + last->length);
+		int64_t end = last->offset + last->length, gap = offset - end;
 		if (gap >= 0 && gap <= RUN_GAP) {
+			/* the slots between two runs are rewritten as they are */
+			memcpy(plan->image + end, plan->dst + end, (size_t)gap);
 			last->length = offset + length - last->offset;
 			return 0;
 		}
@@ -473,7 +476,7 @@ whisper_plan(PyObject *Py_UNUSED(self), PyObject *args)
 		goto out;
 	}
 	plan.work = plan.image + image_size;
-	memcpy(plan.image, dst.buf, (size_t)dst.len);
+	plan.dst = dst.buf;
 	int status;
 	Py_BEGIN_ALLOW_THREADS
 	status = merge(src.buf, sh, dst.buf, dh, (int64_t)now, &plan);

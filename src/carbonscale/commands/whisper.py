@@ -4,7 +4,6 @@ files into the new owner's (fill), and prove nothing was left behind (verify).""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from carbonscale import CarbonscaleError
@@ -88,6 +87,12 @@ def _progress(total: int) -> Progress:
     return Progress(total, unit="files")
 
 
+def _print_json(report: dict) -> None:
+    import json  # here: only --json pays for it at start-up
+
+    print(json.dumps(report, indent=1, sort_keys=True))
+
+
 def run_fill(args: argparse.Namespace) -> int:
     _check(args)
     kind, paths = resolve_pair(args.src, args.dst)
@@ -110,7 +115,7 @@ def run_fill(args: argparse.Namespace) -> int:
     for result in sorted(skipped, key=lambda r: r.path):
         print(f"carbonscale: skipped {result.path}: {result.reason}", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary.as_dict(), indent=1, sort_keys=True))
+        _print_json(summary.as_dict())
     else:
         print(f"fill: {summary.line()}")
     return EXIT_PROBLEM if any(r.status == SKIPPED for r in summary.results) else 0
@@ -133,7 +138,7 @@ def run_verify(args: argparse.Namespace) -> int:
     if kind == "file" and summary.results[0].error:
         raise CarbonscaleError(summary.results[0].error)
     if args.json:
-        print(json.dumps(report, indent=1, sort_keys=True))
+        _print_json(report)
     else:
         for entry in report["errors"]:
             print(f"carbonscale: {entry['path']}: {entry['error']}", file=sys.stderr)
