@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -186,6 +187,11 @@ def test_fill_matches_the_oracle_and_the_twins_agree(tmp_path, src, dst, now_shi
     result = W.fill_file(src_path, dst_path, now)
     assert result.status in (W.FILLED, W.UNCHANGED)
     assert result.points == numpy_plan[0]
+    # the fill wrote exactly the twin's writes, and nothing else
+    planned = bytearray(dst_bytes)
+    for offset, data in numpy_plan[1]:
+        planned[offset : offset + len(data)] = data
+    assert Path(dst_path).read_bytes() == planned
     after = fetch_archives(dst_path, now)
     for index, (got, want) in enumerate(zip(after, expected, strict=True)):
         assert same_series(got, want), f"archive {index}"
@@ -245,6 +251,46 @@ def test_empty_archives(tmp_path):
     expected = oracle_fill(full, dst, NOW)
     W.fill_file(full, dst, NOW)
     assert all(same_series(g, w) for g, w in zip(fetch_archives(dst, NOW), expected, strict=True))
+
+
+def test_stale_slots_of_an_empty_archive_never_become_points(tmp_path):
+    """An empty DST archive (no base) with stale bytes is written whole, zeros around
+    the filled slots; an all-zero one gets only its runs. The twins agree on both."""
+    schema = [(60, 60), (300, 200), (3600, 24)]
+    src = make(tmp_path / "s.wsp", schema, [(NOW - i * 60, 5.0) for i in range(180)])
+    zero = make(tmp_path / "zero.wsp", schema, [])
+    stale = Path(tmp_path / "stale.wsp")
+    shutil.copyfile(zero, stale)
+    info = whisper.info(zero)["archives"][1]  # 300 s x 200, empty
+    offset, size, rows = info["offset"], info["size"], info["points"]
+    start = NOW - NOW % 300 - (rows - 1) * 300
+
+    def written_whole(path: str) -> bool:
+        src_bytes, dst_bytes = Path(src).read_bytes(), Path(path).read_bytes()
+        plan = W.plan_fill_numpy(
+            src_bytes, W.parse_header(src_bytes), dst_bytes, W.parse_header(dst_bytes), NOW
+        )
+        if W._whisper is not None:
+            assert W._whisper.plan(src_bytes, dst_bytes, NOW) == plan
+        return any(o <= offset and o + len(d) >= offset + size for o, d in plan[1])
+
+    assert not written_whole(zero)
+    assert W.fill_file(src, zero, NOW).status == W.FILLED
+    # the first filled row went to slot 0; the slot 5 before the end stands for the
+    # row 5 before it, which SRC does not fill: a stale slot there, with its timestamp
+    first = (struct.unpack_from(">L", Path(zero).read_bytes(), offset)[0] - start) // 300
+    assert first > 5
+    data = bytearray(stale.read_bytes())
+    data[offset + (rows - 5) * 12 : offset + (rows - 4) * 12] = struct.pack(
+        ">Ld", start + (first - 5) * 300, 99.0
+    )
+    stale.write_bytes(data)
+    assert written_whole(str(stale))
+    assert W.fill_file(src, str(stale), NOW).status == W.FILLED
+    coarse = fetch_archives(str(stale), NOW)[1]
+    assert start + (first - 5) * 300 not in coarse, "the stale slot must not read as a point"
+    assert coarse == fetch_archives(zero, NOW)[1]
+    assert stale.read_bytes() == Path(zero).read_bytes()
 
 
 def test_schema_mismatch_aggregates_finer_and_never_spreads_coarse(tmp_path):
@@ -375,19 +421,72 @@ def test_fill_waits_for_a_writer_holding_the_lock(tmp_path):
         fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_lock_released_when_the_write_fails(tmp_path, monkeypatch):
+def test_fill_waits_for_a_writer_of_src_and_reads_what_it_wrote(tmp_path):
+    """SRC is read under LOCK_SH: a carbon writer holding LOCK_EX on SRC is waited for."""
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(1, 5)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
+    results = []
+    with open(src, "r+b") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: results.append(W.fill_file(src, dst, NOW)))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and not results, "fill must wait for SRC's lock"
+        whisper.LOCK = False
+        whisper.file_update_many(writer, [(NOW - 600, 7.0)], now=NOW)
+        writer.flush()
+        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
+    worker.join(10)
+    assert results and results[0].status == W.FILLED
+    finest = fetch_archives(dst, NOW)[0]
+    assert finest[(NOW - 600) // 60 * 60] == 7.0 and finest[NOW // 60 * 60] == 3.0
+
+
+def test_hard_linked_src_and_dst_are_skipped_not_deadlocked(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    src = make(tmp_path / "src" / "m.wsp", SCHEMA, [(NOW - 60, 1.0)])
+    os.link(src, tmp_path / "dst" / "m.wsp")
+    summary = W.fill(str(tmp_path / "src"), str(tmp_path / "dst"), now=NOW)
+    (result,) = summary.results
+    assert result.status == W.SKIPPED and "same file" in result.reason
+
+
+WRITE_FAILS = """
+import fcntl, json, resource, signal, sys
+from carbonscale import whisper as W
+if sys.argv[3] == "numpy":
+    W._whisper = None
+# A file size limit below every archive: each write of the fill fails with EFBIG,
+# a real failed pwrite (in the C merge's writer or in apply_writes).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+result = W.fill_file(sys.argv[1], sys.argv[2], %d)
+with open(sys.argv[2], "r+b") as again:
+    fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if still locked
+with open(sys.argv[1], "r+b") as again:
+    fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+print(json.dumps(result._asdict()))
+"""
+
+
+@pytest.mark.parametrize("merge", ["c", "numpy"])
+def test_locks_released_when_the_write_fails(tmp_path, merge):
+    if merge == "c" and W._whisper is None:
+        pytest.skip("the C merge is not built")
     src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(5)])
     dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
-
-    def disk_full(*_args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(W.os, "pwrite", disk_full)
-    result = W.fill_file(src, dst, NOW)
-    monkeypatch.undo()
-    assert result.status == W.SKIPPED and "No space left" in result.reason
-    with open(dst, "r+b") as again:
-        fcntl.flock(again.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    before = Path(dst).read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-c", WRITE_FAILS % NOW, src, dst, merge],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == W.SKIPPED and "File too large" in result["reason"]
+    assert Path(dst).read_bytes() == before, "nothing was written"
 
 
 def test_verify_counts_missing_points(tmp_path):

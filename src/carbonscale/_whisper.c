@@ -1,21 +1,26 @@
 /*
- * carbonscale._whisper: the merge of carbonscale.whisper.plan_fill in C.
+ * carbonscale._whisper: the merge of carbonscale.whisper's fill in C.
  *
  * plan(src: bytes, dst: bytes, now: int) -> (points: int, writes: list[(offset, bytes)])
+ * fill(src: bytes, dst: bytes, now: int, fd: int) -> points: int
  *
  * Both buffers must be whole whisper files whose headers carbonscale.whisper
  * .parse_header accepted (this code re-reads the header but trusts it). The
  * rules are those of the module docstring of carbonscale/whisper.py; the numpy
- * implementation there (plan_fill) is the reference twin, and the tests check
- * that both return exactly the same writes. The GIL is released while merging,
- * so --jobs runs files on threads.
+ * implementation there (plan_fill_numpy) is the reference twin, and the tests
+ * check that both return exactly the same writes. `fill` is what a fill runs:
+ * the same merge, its runs written to fd with pwrite (not handed to Python as
+ * bytes objects: allocating those cost as much as the merge). The GIL is
+ * released while merging and writing, so --jobs runs files on threads.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define POINT 12
 /* Runs of filled slots closer than this are written as one, the slots between
@@ -161,26 +166,29 @@ open_line(const unsigned char *buf, const archive_t *a, int64_t now, line_t *lin
 }
 
 /* Materialize known[] (all rows) and values[] (rows from `from` on: the rows
- * a coarser archive may aggregate; others are only read once filled). */
-static void
+ * a coarser archive may aggregate; others are only read once filled); returns
+ * the number of points. */
+static int64_t
 materialize(line_t *line, int64_t from)
 {
-	int64_t n = line->n;
+	int64_t n = line->n, count = 0;
 	if (line->first < 0) {
 		memset(line->known, 0, (size_t)n);
-		return;
+		return 0;
 	}
 	int64_t slot = line->first, expected = line->start;
 	for (int64_t i = 0; i < n; i++) {
 		const unsigned char *p = line->slots + slot * POINT;
 		int known = (int64_t)be32(p) == expected;
 		line->known[i] = (unsigned char)known;
+		count += known;
 		if (known && i >= from)
 			line->values[i] = be_double(p + 4);
 		expected += line->step;
 		if (++slot == n)
 			slot = 0;
 	}
+	return count;
 }
 
 /* Aggregate of the `per_row` cells of `line` from interval `t` on; returns 1
@@ -253,7 +261,7 @@ typedef struct {
 typedef struct {
 	const unsigned char *dst; /* the DST file */
 	unsigned char *image; /* scratch, same layout as the DST file: only the runs are set */
-	unsigned char *work;  /* scratch for two lines of max_points (11 bytes a point) */
+	unsigned char *work;  /* scratch for two lines of max_points (10 bytes a point) */
 	int64_t max_points;
 	run_t *runs;
 	Py_ssize_t nruns, cap;
@@ -287,43 +295,72 @@ add_run(plan_t *plan, int64_t offset, int64_t length)
 	return 0;
 }
 
+static int
+all_zero(const unsigned char *p, int64_t length)
+{
+	uint64_t word, any = 0;
+	int64_t i = 0;
+	for (; i + 8 <= length; i += 8) {
+		memcpy(&word, p + i, 8);
+		any |= word;
+	}
+	for (; i < length; i++)
+		any |= p[i];
+	return any == 0;
+}
+
+/* The first row from r on (below end) that is filled, or end: eight rows a step
+ * over the unfilled stretches. */
+static inline int64_t
+next_filled(const unsigned char *filled, int64_t r, int64_t end)
+{
+	uint64_t word;
+	while (r + 8 <= end) {
+		memcpy(&word, filled + r, 8);
+		if (word)
+			break;
+		r += 8;
+	}
+	while (r < end && !filled[r])
+		r++;
+	return r;
+}
+
 /* Record the filled rows of one DST archive as writes (the numpy twin's _patch
- * and apply_patches: a whole archive when it was empty, else runs of slots). */
+ * and patch_writes): runs of slots, or the whole archive when it was empty (no
+ * base) and not all zeros -- then the new layout must not pick up stale slots
+ * whose timestamps happen to match it. */
 static int
 emit(plan_t *plan, const archive_t *a, const line_t *line, const unsigned char *filled)
 {
 	int64_t n = a->points;
 	unsigned char *slots = plan->image + a->offset;
-	int64_t first = line->first;
+	int64_t first = line->first, whole = 0;
 	if (first < 0) {
-		int64_t r0 = 0;
-		while (!filled[r0])
-			r0++;
-		first = floor_mod(-r0, n);
-		memset(slots, 0, (size_t)(n * POINT));
+		first = floor_mod(-next_filled(filled, 0, n), n); /* the first filled row in slot 0 */
+		whole = !all_zero(plan->dst + a->offset, n * POINT);
+		if (whole)
+			memset(slots, 0, (size_t)(n * POINT));
 	}
-	int64_t row = floor_mod(-first, n); /* the row in slot 0 */
-	int64_t run_start = -1;
-	for (int64_t s = 0; s < n; s++) {
-		if (filled[row]) {
-			put_point(slots + s * POINT, (uint32_t)(line->start + row * line->step),
-				  line->values[row]);
-			plan->points++;
-			if (run_start < 0)
-				run_start = s;
-		} else if (run_start >= 0 && line->first >= 0) {
-			if (add_run(plan, a->offset + run_start * POINT, (s - run_start) * POINT))
+	/* slot s holds row (s - first) mod n: slots [0, first) hold rows [n - first, n),
+	 * slots [first, n) rows [0, n - first); in slot order, for add_run */
+	int64_t segments[2][2] = {{0, n - first}, {first, 0}}; /* {first slot, first row} */
+	for (int g = 0; g < 2; g++) {
+		int64_t slot0 = segments[g][0], row0 = segments[g][1];
+		int64_t end = row0 + (g == 0 ? first : n - first);
+		for (int64_t r = next_filled(filled, row0, end); r < end;
+		     r = next_filled(filled, r, end)) {
+			int64_t start = r;
+			for (; r < end && filled[r]; r++)
+				put_point(slots + (slot0 + r - row0) * POINT,
+					  (uint32_t)(line->start + r * line->step), line->values[r]);
+			plan->points += r - start;
+			if (!whole &&
+			    add_run(plan, a->offset + (slot0 + start - row0) * POINT, (r - start) * POINT))
 				return -1;
-			run_start = -1;
 		}
-		if (++row == n)
-			row = 0;
 	}
-	if (line->first < 0)
-		return add_run(plan, a->offset, n * POINT);
-	if (run_start >= 0)
-		return add_run(plan, a->offset + run_start * POINT, (n - run_start) * POINT);
-	return 0;
+	return whole ? add_run(plan, a->offset, n * POINT) : 0;
 }
 
 /* One scratch buffer per thread, grown as needed and kept: fresh allocations
@@ -343,15 +380,60 @@ scratch_get(size_t size)
 	return scratch;
 }
 
-/* The merge; returns 0, or -1 on allocation failure. */
-static int
+/* Row r of the DST line becomes a point filled with v. */
+static inline void
+fill_row(line_t *line, unsigned char *filled, int64_t r, double v, int64_t *needed)
+{
+	line->values[r] = v;
+	line->known[r] = 1;
+	filled[r] = 1;
+	(*needed)--;
+}
+
+/* Pass 2: every row of `line` still empty that SRC's archive of the same step
+ * holds, walking SRC's slots in order (no per-row bounds or modulo). */
+static void
+fill_same_step(line_t *line, unsigned char *filled, const line_t *other, int64_t *needed)
+{
+	int64_t step = line->step, shift = floor_div(line->start - other->start, step);
+	int64_t lo = shift < 0 ? -shift : 0;
+	int64_t hi = other->n - shift < line->n ? other->n - shift : line->n;
+	if (lo >= hi)
+		return;
+	int64_t slot = floor_mod(other->first + lo + shift, other->n);
+	int64_t expected = other->start + (lo + shift) * step;
+	for (int64_t r = lo; r < hi; r++, expected += step) {
+		const unsigned char *p = other->slots + slot * POINT;
+		if (++slot == other->n)
+			slot = 0;
+		if (!line->known[r] && (int64_t)be32(p) == expected)
+			fill_row(line, filled, r, be_double(p + 4), needed);
+	}
+}
+
+/* Fill rows [lo, hi) of `line` still empty with aggregates of `finer`. */
+static void
+fill_aggregates(line_t *line, unsigned char *filled, const line_t *finer, int64_t lo, int64_t hi,
+		const header_t *dh, int64_t *needed)
+{
+	int64_t per_row = line->step / finer->step;
+	for (int64_t r = lo < 0 ? 0 : lo; r < hi && r < line->n && *needed; r++) {
+		double v;
+		if (!line->known[r] && aggregate_row(finer, line->start + r * line->step, per_row,
+						     dh->aggregation, dh->xff, &v))
+			fill_row(line, filled, r, v, needed);
+	}
+}
+
+/* The merge; returns the points filled, or -1 on a failure (errno set). */
+static int64_t
 merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, const header_t *dh,
       int64_t now, plan_t *plan)
 {
 	line_t previous = {0}, line = {0}, other;
 	int64_t finest_start = window_start(&dh->archives[0], now);
 	/* lines alternate between two areas: this archive's and the finer one's */
-	unsigned char *areas[2] = {plan->work, plan->work + plan->max_points * 11};
+	unsigned char *areas[2] = {plan->work, plan->work + plan->max_points * 10};
 
 	for (int d = 0; d < dh->count; d++) {
 		const archive_t *a = &dh->archives[d];
@@ -360,91 +442,100 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 		open_line(dst, a, now, &line);
 		line.values = (double *)area;
 		line.known = area + n * 8;
-		unsigned char *need = line.known + n, *filled = need + n;
+		unsigned char *filled = line.known + n;
 		memset(filled, 0, (size_t)n);
-		int64_t from = -floor_div(line.start - finest_start, step);
-		materialize(&line, from < 0 ? 0 : from);
-		int64_t needed = 0;
-		for (int64_t i = 0; i < n; i++) {
-			need[i] = !line.known[i];
-			needed += need[i];
-		}
+		/* rows from `inside` on start inside the finest archive's window */
+		int64_t inside = -floor_div(line.start - finest_start, step);
+		int64_t empty = n - materialize(&line, inside < 0 ? 0 : inside), needed = empty;
 		/* 1. coarse intervals inside the finest window, from the merged finer archive */
-		if (d > 0 && needed && step % previous.step == 0) {
-			int64_t lo = -floor_div(line.start - finest_start, step);
-			if (lo < 0)
-				lo = 0;
-			for (int64_t r = lo; r < n; r++) {
-				double v;
-				if (need[r] && aggregate_row(&previous, line.start + r * step,
-							     step / previous.step, dh->aggregation,
-							     dh->xff, &v)) {
-					line.values[r] = v;
-					need[r] = 0;
-					filled[r] = 1;
-					needed--;
-				}
-			}
-		}
+		if (d > 0 && needed && step % previous.step == 0)
+			fill_aggregates(&line, filled, &previous, inside, n, dh, &needed);
 		/* 2. SRC at the same precision; 3. finer SRC aggregated, finest first */
-		for (int pass = 0; pass < 2; pass++) {
 		for (int s = 0; s < sh->count && needed; s++) {
 			const archive_t *sa = &sh->archives[s];
-			/* pass 0: the same step; pass 1: finer steps that divide it */
-			if ((pass == 0) != (sa->step == step) || sa->step > step || step % sa->step)
+			if (sa->step != step)
+				continue;
+			open_line(src, sa, now, &other);
+			if (other.first >= 0)
+				fill_same_step(&line, filled, &other, &needed);
+		}
+		for (int s = 0; s < sh->count && needed; s++) {
+			const archive_t *sa = &sh->archives[s];
+			if (sa->step >= step || step % sa->step)
 				continue;
 			open_line(src, sa, now, &other);
 			if (other.first < 0)
 				continue;
-			if (sa->step == step) {
-				int64_t shift = floor_div(line.start - other.start, step);
-				int64_t lo = shift < 0 ? -shift : 0;
-				int64_t hi = other.n - shift < n ? other.n - shift : n;
-				for (int64_t r = lo; r < hi; r++) {
-					double v;
-					if (need[r] && line_get(&other, r + shift, &v)) {
-						line.values[r] = v;
-						need[r] = 0;
-						filled[r] = 1;
-						needed--;
-					}
-				}
-				continue;
-			}
 			int64_t other_end = other.start + (other.n - 1) * other.step;
-			int64_t lo = floor_div(other.start - line.start, step);
-			int64_t hi = floor_div(other_end - line.start, step) + 1;
-			if (lo < 0)
-				lo = 0;
-			if (hi > n)
-				hi = n;
-			for (int64_t r = lo; r < hi; r++) {
-				double v;
-				if (need[r] && aggregate_row(&other, line.start + r * step,
-							     step / sa->step, dh->aggregation,
-							     dh->xff, &v)) {
-					line.values[r] = v;
-					need[r] = 0;
-					filled[r] = 1;
-					needed--;
-				}
-			}
+			fill_aggregates(&line, filled, &other, floor_div(other.start - line.start, step),
+					floor_div(other_end - line.start, step) + 1, dh, &needed);
 		}
-		}
-		int any = 0;
-		for (int64_t i = 0; i < n; i++) {
-			if (filled[i]) {
-				any = 1;
-				break;
-			}
-		}
-		if (any && emit(plan, a, &line, filled))
+		if (needed < empty && emit(plan, a, &line, filled))
 			return -1;
-		for (int64_t i = 0; i < n; i++)
-			line.known[i] |= filled[i];
 		previous = line;
 	}
-	return 0;
+	return plan->points;
+}
+/* Parse both headers and merge; fills `plan` (runs in plan->image). Returns 0, or
+ * -1 with a Python exception set. `fd` >= 0: also write the runs to it (pwrite,
+ * GIL released). */
+static int
+run_merge(Py_buffer *src, Py_buffer *dst, long long now, int fd, plan_t *plan)
+{
+	header_t *sh = malloc(sizeof(header_t)), *dh = malloc(sizeof(header_t));
+	int status = -1;
+	if (!sh || !dh) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	if (read_header(src->buf, src->len, sh) || read_header(dst->buf, dst->len, dh)) {
+		PyErr_SetString(PyExc_ValueError, "not a whisper file carbonscale.whisper accepted");
+		goto out;
+	}
+	for (int d = 0; d < dh->count; d++)
+		if (dh->archives[d].points > plan->max_points)
+			plan->max_points = dh->archives[d].points;
+	/* 8-byte aligned: the work area holds doubles */
+	size_t image_size = ((size_t)dst->len + 7) & ~(size_t)7;
+	plan->image = scratch_get(image_size + (size_t)plan->max_points * 20);
+	if (!plan->image) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	plan->work = plan->image + image_size;
+	plan->dst = dst->buf;
+	int64_t merged;
+	int failed = 0; /* errno of a failed write */
+	Py_BEGIN_ALLOW_THREADS
+	merged = merge(src->buf, sh, dst->buf, dh, (int64_t)now, plan);
+	for (Py_ssize_t i = 0; merged >= 0 && fd >= 0 && i < plan->nruns && !failed; i++) {
+		const unsigned char *data = plan->image + plan->runs[i].offset;
+		int64_t offset = plan->runs[i].offset, left = plan->runs[i].length;
+		while (left > 0) {
+			ssize_t written = pwrite(fd, data, (size_t)left, (off_t)offset);
+			if (written < 0 && errno == EINTR)
+				continue;
+			if (written <= 0) {
+				failed = written < 0 ? errno : EIO;
+				break;
+			}
+			data += written;
+			offset += written;
+			left -= written;
+		}
+	}
+	Py_END_ALLOW_THREADS
+	if (merged < 0)
+		PyErr_NoMemory();
+	else if (failed) {
+		errno = failed;
+		PyErr_SetFromErrno(PyExc_OSError);
+	} else
+		status = 0;
+out:
+	free(sh);
+	free(dh);
+	return status;
 }
 
 static PyObject *
@@ -454,54 +545,42 @@ whisper_plan(PyObject *Py_UNUSED(self), PyObject *args)
 	long long now;
 	if (!PyArg_ParseTuple(args, "y*y*L", &src, &dst, &now))
 		return NULL;
-	PyObject *result = NULL;
-	header_t *sh = malloc(sizeof(header_t)), *dh = malloc(sizeof(header_t));
+	PyObject *result = NULL, *writes = NULL;
 	plan_t plan = {0};
-	if (!sh || !dh) {
-		PyErr_NoMemory();
+	if (run_merge(&src, &dst, now, -1, &plan))
 		goto out;
-	}
-	if (read_header(src.buf, src.len, sh) || read_header(dst.buf, dst.len, dh)) {
-		PyErr_SetString(PyExc_ValueError, "not a whisper file carbonscale.whisper accepted");
-		goto out;
-	}
-	for (int d = 0; d < dh->count; d++)
-		if (dh->archives[d].points > plan.max_points)
-			plan.max_points = dh->archives[d].points;
-	/* 8-byte aligned: the work area holds doubles */
-	size_t image_size = ((size_t)dst.len + 7) & ~(size_t)7;
-	plan.image = scratch_get(image_size + (size_t)plan.max_points * 22);
-	if (!plan.image) {
-		PyErr_NoMemory();
-		goto out;
-	}
-	plan.work = plan.image + image_size;
-	plan.dst = dst.buf;
-	int status;
-	Py_BEGIN_ALLOW_THREADS
-	status = merge(src.buf, sh, dst.buf, dh, (int64_t)now, &plan);
-	Py_END_ALLOW_THREADS
-	if (status) {
-		PyErr_NoMemory();
-		goto out;
-	}
-	PyObject *writes = PyList_New(plan.nruns);
+	writes = PyList_New(plan.nruns);
 	if (!writes)
 		goto out;
 	for (Py_ssize_t i = 0; i < plan.nruns; i++) {
 		PyObject *item = Py_BuildValue(
 			"Ly#", (long long)plan.runs[i].offset,
 			(const char *)plan.image + plan.runs[i].offset, (Py_ssize_t)plan.runs[i].length);
-		if (!item) {
-			Py_DECREF(writes);
+		if (!item)
 			goto out;
-		}
 		PyList_SET_ITEM(writes, i, item);
 	}
-	result = Py_BuildValue("LN", (long long)plan.points, writes);
+	result = Py_BuildValue("LO", (long long)plan.points, writes);
 out:
-	free(sh);
-	free(dh);
+	Py_XDECREF(writes);
+	free(plan.runs);
+	PyBuffer_Release(&src);
+	PyBuffer_Release(&dst);
+	return result;
+}
+
+static PyObject *
+whisper_fill(PyObject *Py_UNUSED(self), PyObject *args)
+{
+	Py_buffer src, dst;
+	long long now;
+	int fd;
+	if (!PyArg_ParseTuple(args, "y*y*Li", &src, &dst, &now, &fd))
+		return NULL;
+	plan_t plan = {0};
+	PyObject *result = NULL;
+	if (run_merge(&src, &dst, now, fd, &plan) == 0)
+		result = PyLong_FromLongLong((long long)plan.points);
 	free(plan.runs);
 	PyBuffer_Release(&src);
 	PyBuffer_Release(&dst);
@@ -511,6 +590,8 @@ out:
 static PyMethodDef whisper_methods[] = {
 	{"plan", whisper_plan, METH_VARARGS,
 	 "plan(src, dst, now) -> (points, [(offset, bytes), ...]): the writes of a fill."},
+	{"fill", whisper_fill, METH_VARARGS,
+	 "fill(src, dst, now, fd) -> points: the fill, written to fd (-1: counted only)."},
 	{NULL, NULL, 0, NULL},
 };
 

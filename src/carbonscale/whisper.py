@@ -286,7 +286,7 @@ def aggregate(
 class ArchivePatch(namedtuple("ArchivePatch", "archive slots points whole")):
     """Points to write into one DST archive: `slots` (sorted array) and their (t, v)
     `points` (POINT dtype, big-endian, in slot order); `whole` when the archive was
-    empty: write all of it (zeros elsewhere)."""
+    empty (no base) and not all zeros: write all of it (zeros elsewhere)."""
 
     __slots__ = ()
 
@@ -294,17 +294,20 @@ class ArchivePatch(namedtuple("ArchivePatch", "archive slots points whole")):
 Writes = list[tuple[int, bytes]]
 
 
-def plan_fill(
-    src: bytes, src_header: Header, dst: bytes, dst_header: Header, now: int
-) -> tuple[int, Writes]:
-    """(points filled, [(file offset, bytes), ...]) of filling DST from SRC.
+def fill_data(
+    src: bytes, src_header: Header, dst: bytes, dst_header: Header, now: int, fd: int | None
+) -> int:
+    """Fill DST (`dst` are its bytes, `fd` the file open for writing) from SRC; the
+    points filled. With fd None, count them and write nothing (a dry run).
 
     Both must be whole files whose headers parse_header accepted. The C merge
-    when built, else its numpy twin (the same writes, byte for byte).
-    """
+    when built, else its numpy twin (the same writes, byte for byte)."""
     if _whisper is not None:
-        return _whisper.plan(src, dst, now)
-    return plan_fill_numpy(src, src_header, dst, dst_header, now)
+        return _whisper.fill(src, dst, now, -1 if fd is None else fd)
+    points, writes = plan_fill_numpy(src, src_header, dst, dst_header, now)
+    if fd is not None:
+        apply_writes(fd, writes)
+    return points
 
 
 def plan_fill_numpy(
@@ -362,7 +365,7 @@ def plan_fill_numpy(
                 grid_values, grid_known = _grid(other, line.start + lo * step, hi - lo, step)
                 _take(state, lo, hi, *aggregate(aggregation, grid_values, grid_known, xff))
         if filled.any():
-            patches.append(_patch(archive, line, values, filled))
+            patches.append(_patch(archive, line, values, filled, dst))
         previous = Timeline(line.start, step, values, line.known | filled, line.first_slot)
     return sum(len(p.slots) for p in patches), patch_writes(patches, dst)
 
@@ -383,15 +386,18 @@ def _take(
 
 
 def _patch(
-    archive: ArchiveInfo, line: Timeline, values: np.ndarray, filled: np.ndarray
+    archive: ArchiveInfo, line: Timeline, values: np.ndarray, filled: np.ndarray, dst: bytes
 ) -> ArchivePatch:
     import numpy as np
 
     rows = np.flatnonzero(filled)
-    whole = line.first_slot < 0
+    empty = line.first_slot < 0
     # An empty archive gets its base (slot 0) at the first filled interval, as
-    # whisper's first write would; otherwise slots follow the existing base.
-    first_slot = -int(rows[0]) if whole else line.first_slot
+    # whisper's first write would; otherwise slots follow the existing base. An
+    # empty archive that is not all zeros is written whole (zeros elsewhere): the
+    # new layout must not pick up stale slots whose timestamps happen to match it.
+    whole = bool(empty and np.frombuffer(dst, np.uint8, archive.size, archive.offset).any())
+    first_slot = -int(rows[0]) if empty else line.first_slot
     slots = (rows + first_slot) % archive.points
     order = np.argsort(slots, kind="stable")
     points = np.empty(len(rows), _point_dtype())
@@ -416,8 +422,8 @@ RUN_GAP = 1024
 
 
 def patch_writes(patches: Iterable[ArchivePatch], dst: bytes) -> Writes:
-    """Patches as writes: a whole archive when it was empty, else runs of slots
-    (runs less than RUN_GAP bytes apart joined)."""
+    """Patches as writes: a whole archive when `whole`, else runs of slots (runs
+    less than RUN_GAP bytes apart joined)."""
     import numpy as np
 
     image = bytearray(dst)
@@ -638,9 +644,7 @@ def _fill_open(
                         "and a new DST appeared meanwhile",
                     )
             return FillResult(name, REPLACED, reason=str(exc))
-        points, writes = plan_fill(data, header, current, dst_header, now)
-        if not dry_run:
-            apply_writes(fd, writes)
+        points = fill_data(data, header, current, dst_header, now, None if dry_run else fd)
         return FillResult(name, FILLED if points else UNCHANGED, points)
     finally:
         _unmap(current)
