@@ -586,3 +586,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 def test_resolve_pair_refuses_the_same_tree(tmp_path):
     with pytest.raises(CarbonscaleError, match="same directory"):
         W.resolve_pair(str(tmp_path), str(tmp_path))
+
+
+def test_run_jobs_on_threads_keeps_job_order_and_raises_a_workers_error():
+    seen = []
+    results = W.run_jobs(lambda n: n * n, list(range(50)), 4, seen.append, threads=True)
+    assert results == [n * n for n in range(50)] and sorted(seen) == sorted(results)
+
+    def bug(n: int) -> int:
+        if n == 7:
+            raise ZeroDivisionError("a bug, not a bad file")
+        return n
+
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        W.run_jobs(bug, list(range(20)), 3, threads=True)

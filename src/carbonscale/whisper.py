@@ -801,6 +801,49 @@ def _verify_one(job: tuple[str, str, str, int]) -> VerifyResult:
     return verify_file(source, target, now, relative or dst)
 
 
+def _run_on_threads(function: Callable, jobs: list, workers: int, done: Callable) -> list:
+    """run_jobs on threads: plain threads pulling jobs, not concurrent.futures, whose
+    imports alone cost more start-up time than a small fill takes. Results in job
+    order; `done` sees them as they finish. A worker's exception is raised here."""
+    import queue
+    import threading
+
+    ordered: list = [None] * len(jobs)
+    pending = iter(enumerate(jobs))
+    take = threading.Lock()
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            with take:
+                item = next(pending, None)
+            if item is None:
+                return
+            index, job = item
+            try:
+                finished.put((index, function(job), None))
+            except BaseException as exc:  # handed to the main thread, raised there
+                finished.put((index, None, exc))
+                return
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(jobs)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in jobs:
+            index, result, error = finished.get()
+            if error is not None:
+                raise error
+            ordered[index] = result
+            done(result)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return ordered
+
+
 def run_jobs(
     function: Callable,
     jobs: list,
@@ -822,19 +865,7 @@ def run_jobs(
             done(function(job))
         return results
     if threads:
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        # A bounded window of futures: memory stays flat over millions of files.
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque[Future] = deque()
-            for job in jobs:
-                pending.append(pool.submit(function, job))
-                if len(pending) >= 4 * workers:
-                    done(pending.popleft().result())
-            while pending:
-                done(pending.popleft().result())
-        return results
+        return _run_on_threads(function, jobs, workers, done)
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
