@@ -14,19 +14,22 @@ the same DST tree:
              installed package has it), --jobs 1, then --jobs 2.
 
 Each timing is the best of --runs (the machine is shared and noisy); every run
-starts from a fresh copy of DST. Ours is checked with `carbonscale whisper
-verify` afterwards (0 missing points required), so the bench never times a
+starts from a fresh copy of DST and after os.sync(), so that no run pays for
+the write-back of the files an earlier one wrote (that made the copy time vary
+between 31 and 76 ms from one run of this bench to the next). Ours is checked
+with `carbonscale whisper verify` afterwards (0 missing points required), so the bench never times a
 fill that leaves data behind.
 
 Goal (issue 4): ours >= 20x carbonate's files/s, and ours <= 3x the copy time.
 
-    .venv/bin/python bench/fill.py [--files 150] [--runs 3]
+    .venv/bin/python bench/fill.py [--files 150] [--runs 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -91,6 +94,7 @@ def wsp_files(root: Path) -> list[str]:
 def time_copy(src_root: Path, scratch: Path) -> float:
     target = scratch / "copy"
     shutil.rmtree(target, ignore_errors=True)
+    os.sync()
     started = time.perf_counter()
     shutil.copytree(src_root, target)
     return time.perf_counter() - started
@@ -101,6 +105,7 @@ def time_carbonate(src_root: Path, dst_root: Path, scratch: Path) -> float:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(dst_root, target)
     files = wsp_files(src_root)
+    os.sync()
     started = time.perf_counter()
     for relative in files:
         fill_archives(str(src_root / relative), str(target / relative), time.time())
@@ -111,6 +116,7 @@ def time_ours(src_root: Path, dst_root: Path, scratch: Path, jobs: int) -> tuple
     target = scratch / f"ours{jobs}"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(dst_root, target)
+    os.sync()
     started = time.perf_counter()
     run = subprocess.run(
         [*CARBONSCALE, "fill", "--json", "--jobs", str(jobs), str(src_root), str(target)],
@@ -150,7 +156,7 @@ def compile_bytecode() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=150)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
 

@@ -29,11 +29,46 @@ def command_groups() -> list[str]:
     )
 
 
+def terminal_columns() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (and the
+    compression modules it imports) on every start."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized by terminal_columns(): argparse builds one for
+    every add_argument, and the stock one imports shutil to size itself."""
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width=None
+    ) -> None:
+        width = terminal_columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser with HelpFormatter by default; subparsers are built as their
+    parent's class, so every verb's parser is one too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that verb group is imported (fast start-up:
     `carbonscale ring locate` must not pay for numpy-free verbs' imports, nor
     they for its)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="carbonscale",
         description="Operate Graphite clusters: ring placement, whisper fill, relays.",
     )
