@@ -5,10 +5,11 @@ since the switch, the old owner holds its history. `fill_file` merges SRC's
 history into DST without ever changing a point DST already has; `verify_file`
 checks that every SRC point within DST's retention is present in DST.
 
-Files are read whole (one read each) and the archives are handled as numpy
-arrays of big-endian `>Ld` points; only the changed runs of slots are written
-back. No per-point whisper calls: that is where carbonate's fill spends its
-80 ms a file.
+Both files are mapped whole and merged by the C merge (`_whisper.c`; its
+numpy twin `plan_fill_numpy` handles the archives as arrays of big-endian
+`>Ld` points, and the tests hold both to the same writes); only the filled
+runs of slots are written back. No per-point whisper calls: that is where
+carbonate's fill spends its 80 ms a file.
 
 The fill rules, for every DST archive, finest first (`now` fixes the windows):
 
@@ -38,7 +39,12 @@ The fill rules, for every DST archive, finest first (`now` fixes the windows):
   `move_corrupt`, which renames it to `<DST>.corrupt-<unix time>` and copies.
 - DST is changed only under flock(LOCK_EX), the lock carbon takes with
   WHISPER_LOCK_WRITES, and the lock is released on every path (the file
-  descriptor is closed in `finally`). SRC is read under flock(LOCK_SH).
+  descriptor is closed in `finally`). SRC is read under flock(LOCK_SH), held
+  until DST is written; a SRC and DST that are one file (hard links) are
+  skipped, since the second lock would wait for the first forever.
+- An empty DST archive (no base) gets its base at the first filled interval,
+  as whisper's first write would; one that holds stale bytes is written whole,
+  zeros around the new points, so that no stale slot reads as a point.
 """
 
 from __future__ import annotations
