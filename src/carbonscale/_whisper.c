@@ -430,7 +430,7 @@ fill_aggregates(line_t *line, unsigned char *filled, const line_t *finer, int64_
 	}
 }
 
-/* The merge; returns the points filled, or -1 on a failure (errno set). */
+/* The merge; returns the points filled, or -1 when out of memory. */
 static int64_t
 merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, const header_t *dh,
       int64_t now, plan_t *plan)
@@ -481,6 +481,7 @@ merge(const unsigned char *src, const header_t *sh, const unsigned char *dst, co
 	}
 	return plan->points;
 }
+
 /* Parse both headers and merge; fills `plan` (runs in plan->image). Returns 0, or
  * -1 with a Python exception set. `fd` >= 0: also write the runs to it (pwrite,
  * GIL released). */

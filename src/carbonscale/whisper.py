@@ -554,7 +554,10 @@ def fill_file(
     """Fill DST from SRC (see the module docstring); never raises for a bad file.
 
     SRC is read under flock(LOCK_SH), held until DST is written: the merge reads
-    SRC's mapped pages, so they must not change meanwhile."""
+    SRC's mapped pages, so they must not change meanwhile. (Two fills running at
+    once in opposite directions over the same two files would each hold the
+    lock the other waits for; a migration fills from a staging copy, never
+    back.)"""
     name = name or dst
     now = int(time.time()) if now is None else int(now)
     try:
