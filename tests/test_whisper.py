@@ -8,10 +8,13 @@ its numpy twin must return the same writes, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import os
+import pty
+import re
 import shutil
 import struct
 import subprocess
@@ -535,6 +538,27 @@ def test_cli_fills_a_tree_then_verify_passes(tmp_path, jobs):
     assert checked.returncode == 0, checked.stdout
     assert json.loads(checked.stdout)["points_missing"] == 0
     assert not (dst / "a" / "not-whisper.txt").exists()
+
+
+def test_cli_progress_on_a_terminal_and_quiet_in_logs(tmp_path):
+    """A progress line (files/s, ETA) on a terminal; in a log only the summary."""
+    src, dst = build_tree(tmp_path)
+    args = [*CLI, "fill", "--now", str(NOW), str(src), str(dst)]
+    terminal, child_side = pty.openpty()
+    try:
+        done = subprocess.run(args, stdout=subprocess.PIPE, stderr=child_side, timeout=120)
+    finally:
+        os.close(child_side)
+    seen = b""
+    with contextlib.suppress(OSError):  # EIO once the buffered output is read
+        while chunk := os.read(terminal, 4096):
+            seen += chunk
+    os.close(terminal)
+    assert done.returncode == 0
+    assert re.search(rb"\d+/12 files, \d+ files/s, ETA \S+", seen), seen
+    logged = run(["verify", "--now", str(NOW), str(src), str(dst)])
+    assert logged.returncode == 0 and "files/s" not in logged.stderr
+    assert logged.stdout.startswith("verify: 12 files")
 
 
 def test_cli_dry_run_writes_nothing(tmp_path):
