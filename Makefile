@@ -39,6 +39,9 @@ lint: venv
 unit: venv host-deps base-image
 	pytest
 
+# molecule logs "CRITICAL 'molecule/default/molecule.yml' glob failed" before
+# each scenario and carries on: it looks for a default scenario to share state
+# with, and there is none here by design (each scenario is self-contained).
 molecule: venv base-image
 	@for scenario in $(SCENARIOS); do \
 	  echo "=== molecule test -s $$scenario"; \
