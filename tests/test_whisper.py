@@ -395,25 +395,33 @@ def test_parse_header_refuses_corrupt_files(tmp_path, mangle, message):
         W.parse_header(mangle(data))
 
 
+def fill_while_a_writer_holds(locked: str, src: str, dst: str, points: list) -> W.FillResult:
+    """fill_file(src, dst) started while a carbon writer (WHISPER_LOCK_WRITES) holds
+    LOCK_EX on `locked`: the fill must still be waiting after 0.5 s; the writer then
+    writes `points` with whisper's own code and unlocks. The fill's result."""
+    results = []
+    with open(locked, "r+b") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: results.append(W.fill_file(src, dst, NOW)))
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and not results, f"fill must wait for the lock on {locked}"
+        whisper.LOCK = False  # whisper must not lock again: the writer holds the lock
+        whisper.file_update_many(writer, points, now=NOW)
+        writer.flush()
+        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
+    worker.join(10)
+    assert results, "the fill did not finish once the lock was released"
+    return results[0]
+
+
 def test_fill_waits_for_a_writer_holding_the_lock(tmp_path):
     """A carbon writer (WHISPER_LOCK_WRITES) holds LOCK_EX: fill waits, then merges
     with what the writer wrote; nothing is corrupted."""
     src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(1, 50)])
     dst = make(tmp_path / "d.wsp", SCHEMA, [])
-    results = []
-    with open(dst, "r+b") as writer:
-        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
-        worker = threading.Thread(target=lambda: results.append(W.fill_file(src, dst, NOW)))
-        worker.start()
-        time.sleep(0.5)
-        assert worker.is_alive() and not results, "fill must wait for the lock"
-        # the writer updates while holding the lock (whisper's own code, lock held by us)
-        whisper.LOCK = False
-        whisper.file_update_many(writer, [(NOW - 120, 42.0), (NOW, 43.0)], now=NOW)
-        writer.flush()
-        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
-    worker.join(10)
-    assert results and results[0].status == W.FILLED
+    result = fill_while_a_writer_holds(dst, src, dst, [(NOW - 120, 42.0), (NOW, 43.0)])
+    assert result.status == W.FILLED
     finest = fetch_archives(dst, NOW)[0]
     assert finest[(NOW - 120) // 60 * 60] == 42.0, "the writer's point survives"
     assert finest[NOW // 60 * 60] == 43.0
@@ -428,19 +436,8 @@ def test_fill_waits_for_a_writer_of_src_and_reads_what_it_wrote(tmp_path):
     """SRC is read under LOCK_SH: a carbon writer holding LOCK_EX on SRC is waited for."""
     src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, 1.0) for i in range(1, 5)])
     dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW, 3.0)])
-    results = []
-    with open(src, "r+b") as writer:
-        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
-        worker = threading.Thread(target=lambda: results.append(W.fill_file(src, dst, NOW)))
-        worker.start()
-        time.sleep(0.5)
-        assert worker.is_alive() and not results, "fill must wait for SRC's lock"
-        whisper.LOCK = False
-        whisper.file_update_many(writer, [(NOW - 600, 7.0)], now=NOW)
-        writer.flush()
-        fcntl.flock(writer.fileno(), fcntl.LOCK_UN)
-    worker.join(10)
-    assert results and results[0].status == W.FILLED
+    result = fill_while_a_writer_holds(src, src, dst, [(NOW - 600, 7.0)])
+    assert result.status == W.FILLED
     finest = fetch_archives(dst, NOW)[0]
     assert finest[(NOW - 600) // 60 * 60] == 7.0 and finest[NOW // 60 * 60] == 3.0
 
