@@ -810,10 +810,12 @@ def _verify_one(job: tuple[str, str, str, int]) -> VerifyResult:
     return verify_file(source, target, now, relative or dst)
 
 
-def _run_on_threads(function: Callable, jobs: list, workers: int, done: Callable) -> list:
+def _run_on_threads(
+    function: Callable, jobs: list, workers: int, on_result: Callable | None
+) -> list:
     """run_jobs on threads: plain threads pulling jobs, not concurrent.futures, whose
     imports alone cost more start-up time than a small fill takes. Results in job
-    order; `done` sees them as they finish. A worker's exception is raised here."""
+    order; `on_result` sees them as they finish. A worker's exception is raised here."""
     import queue
     import threading
 
@@ -845,7 +847,8 @@ def _run_on_threads(function: Callable, jobs: list, workers: int, done: Callable
             if error is not None:
                 raise error
             ordered[index] = result
-            done(result)
+            if on_result:
+                on_result(result)
     finally:
         stop.set()
         for thread in threads:
@@ -874,7 +877,7 @@ def run_jobs(
             done(function(job))
         return results
     if threads:
-        return _run_on_threads(function, jobs, workers, done)
+        return _run_on_threads(function, jobs, workers, on_result)
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
