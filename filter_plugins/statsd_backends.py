@@ -1,4 +1,4 @@
-"""Ansible filter over carbonscale.relay.statsd: the statsd relay's backends.
+"""Ansible filter over carbonscale.inventory: the statsd relay's backends.
 
     {{ groups['relays'] | statsd_backends(hostvars, statsd_instances) }}
       -> ["10.0.0.21:8127:8128", "10.0.0.21:8129:8130", "10.0.0.22:8127:8128", ...]
@@ -16,7 +16,7 @@ from ansible.errors import AnsibleFilterError
 
 try:
     from carbonscale import CarbonscaleError
-    from carbonscale.relay.statsd import backends_from_inventory
+    from carbonscale.inventory import backends_from_inventory
 
     IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the controller's python

@@ -135,8 +135,9 @@ from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 try:
     from carbonscale import CarbonscaleError
-    from carbonscale.commands.ring import make_ring, names_in, read_names, shadowed_warning
     from carbonscale.ring import RingDiff
+    from carbonscale.ring.build import make_ring, shadowed_warning
+    from carbonscale.ring.locate import names_in, read_names
 
     IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the interpreter

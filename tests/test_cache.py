@@ -31,7 +31,7 @@ from carbonscale.cache import (
     report,
     start,
 )
-from carbonscale.gen import encode_line
+from carbonscale.sender import encode_line
 
 FAKEDM = Path(__file__).parent / "fakes" / "fakedm.py"
 

@@ -10,7 +10,8 @@ import time
 import pytest
 from carbon.util import get_unpickler
 
-from carbonscale.gen import generate, metric_names, send
+from carbonscale.gen import generate, metric_names
+from carbonscale.sender import send
 
 CLI = [sys.executable, "-m", "carbonscale"]
 # carbon's own restricted unpickler: what a carbon pickle receiver decodes.

@@ -12,7 +12,8 @@ import pytest
 
 from carbonscale import CarbonscaleError
 from carbonscale.flap import FlapDamper
-from carbonscale.health import Pool, damped_check
+from carbonscale.health import damped_check
+from carbonscale.lvs_pool import Pool
 
 CLI = [sys.executable, "-m", "carbonscale"]
 

@@ -3,8 +3,7 @@
 import pytest
 
 from carbonscale import CarbonscaleError
-from carbonscale.inventory import bracket, host_address
-from carbonscale.relay.statsd import backends_from_inventory
+from carbonscale.inventory import backends_from_inventory, bracket, host_address
 
 HOSTVARS = {
     "set": {"carbonscale_address": "10.0.0.21", "ansible_default_ipv4": {"address": "10.9.9.9"}},

@@ -309,8 +309,9 @@ def test_role_refuses_a_vip_outside_every_network(tmp_path):
 def test_the_userspace_pool_knows_every_scheduler_and_check():
     # One IPVS scheduler list (argument specs, service_errors) and the nginx
     # translation of each; one list of checks and the probes behind them.
-    from carbonscale.health import NGINX_BALANCE, PROBES
+    from carbonscale.health import PROBES
     from carbonscale.lvs import CHECKS, SCHEDULERS
+    from carbonscale.lvs_pool import NGINX_BALANCE
 
     spec = yaml.safe_load((ROOT / "roles/lvs_director/meta/argument_specs.yml").read_text())
     options = spec["argument_specs"]["main"]["options"]["lvs_director_services"]["options"]

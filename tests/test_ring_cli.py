@@ -409,7 +409,7 @@ def test_shared_fnv1a_instances_are_shadowed_here_and_in_the_relay(tmp_path):
 @pytest.mark.parametrize("hash_type", ["carbon_ch", "fnv1a_ch", "jump_fnv1a_ch"])
 def test_c_block_loop_equals_the_python_path(hash_type):
     """_ringhash.locate_block (the locate verb's C loop) against names_in + join_lines."""
-    from carbonscale.commands.ring import Locator, locate_stream
+    from carbonscale.ring.locate import Locator, locate_stream
 
     ring = Ring([parse_member(m) for m in MEMBERS], hash_type, replication=3)
     fast = Locator(ring)

@@ -22,13 +22,13 @@ import pytest
 
 from carbonscale import CarbonscaleError
 from carbonscale.flap import FlapDamper
+from carbonscale.inventory import backends_from_inventory
 from carbonscale.relay import statsd, udpio
 from carbonscale.relay.statsd import (
     Backend,
     HealthChecker,
     SharedState,
     Worker,
-    backends_from_inventory,
     choices,
     parse_backend,
     parse_backends,

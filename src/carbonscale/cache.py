@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from carbonscale import CarbonscaleError
-from carbonscale.gen import Point, parse_address, send
+from carbonscale.sender import Point, parse_address, send
 
 BACKENDS = ("flashcache", "lvmcache")
 TIMEOUT_ACTIONS = ("fast_remove", "keep")

@@ -119,7 +119,7 @@ def run_halt(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from carbonscale.cache import metric_points, report
-    from carbonscale.gen import encode_line
+    from carbonscale.sender import encode_line
 
     backend = _backend(args)
     config = backend.config

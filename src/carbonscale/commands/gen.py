@@ -8,15 +8,15 @@ import sys
 import time
 
 from carbonscale import CarbonscaleError
-from carbonscale.gen import (
+from carbonscale.gen import generate, metric_names
+from carbonscale.sender import (
     FORMATS,
+    PICKLE_FRAME_POINTS,
     STATSD_TYPES,
     batches,
     encode_line,
     encode_pickle,
     encode_statsd,
-    generate,
-    metric_names,
     parse_address,
     send,
 )
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "line":
             out.write(encode_line(batch))
         elif args.format == "pickle":
-            for frame in batches(batch, 500):
+            for frame in batches(batch, PICKLE_FRAME_POINTS):
                 out.write(encode_pickle(frame))
         else:
             out.write(b"".join(line + b"\n" for line in encode_statsd(batch, args.statsd_type)))

@@ -13,7 +13,8 @@ import logging
 import sys
 
 from carbonscale.flap import SEED_HALF_LIFE, SEED_PENALTY, SEED_REUSE_LIMIT, SEED_SUPPRESS_LIMIT
-from carbonscale.health import Pool, damped_check, damper_from
+from carbonscale.health import damped_check, damper_from
+from carbonscale.lvs_pool import Pool
 
 
 def _flap_args(parser: argparse.ArgumentParser) -> None:

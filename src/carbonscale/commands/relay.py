@@ -273,7 +273,100 @@ def register_statsd(verbs: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_statsd)
 
 
-def run_statsd(args: argparse.Namespace) -> int:
-    from carbonscale.relay import statsd
+def _carbon_address(text: str) -> tuple[str, int] | None:
+    """--carbon: HOST:PORT, or None for 'none' (or empty)."""
+    from carbonscale import CarbonscaleError
 
-    return statsd.main(args)
+    if text in ("", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CarbonscaleError(f"--carbon {text!r}: expected HOST:PORT (or 'none')")
+    return host, int(port)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def statsd_config_from_args(args: argparse.Namespace):
+    """The statsd relay's RelayConfig and FlapDamper from the parsed arguments."""
+    import math
+    import socket
+
+    from carbonscale import CarbonscaleError
+    from carbonscale.flap import (
+        SEED_HALF_LIFE,
+        SEED_PENALTY,
+        SEED_REUSE_LIMIT,
+        SEED_SUPPRESS_LIMIT,
+        FlapDamper,
+    )
+    from carbonscale.relay.statsd import RelayConfig, parse_backends
+
+    backends = parse_backends(args.backends)
+    for name, value, low, high in (
+        ("--port", args.port, 1, 65535),
+        ("--admin-port", args.admin_port, 0, 65535),
+        ("--workers", args.workers, 1, 256),
+        ("--packet-size", args.packet_size, 64, 65507),
+        ("--cache-size", args.cache_size, 1, 1 << 40),
+        ("--rcvbuf", args.rcvbuf, 0, 1 << 31),
+    ):
+        if not low <= value <= high:
+            raise CarbonscaleError(f"{name} {value}: must be in {low}-{high}")
+    for name, value in (
+        ("--check-interval", args.check_interval),
+        ("--check-timeout", args.check_timeout),
+        ("--stats-interval", args.stats_interval),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            raise CarbonscaleError(f"{name} {value}: must be a positive number of seconds")
+    # Unset flap parameters are the seed's (carbonscale.flap).
+    damper = FlapDamper(
+        half_life=_or(args.flap_half_life, SEED_HALF_LIFE),
+        reuse_limit=_or(args.flap_reuse_limit, SEED_REUSE_LIMIT),
+        suppress_limit=_or(args.flap_suppress_limit, SEED_SUPPRESS_LIMIT),
+        penalty=_or(args.flap_penalty, SEED_PENALTY),
+    )
+    prefix = args.stats_prefix or f"carbon.relays.{socket.gethostname().split('.')[0]}.statsd"
+    config = RelayConfig(
+        backends=backends,
+        listen=args.listen,
+        port=args.port,
+        admin_listen=args.admin_listen,
+        admin_port=args.admin_port,
+        workers=args.workers,
+        packet_size=args.packet_size,
+        rcvbuf=args.rcvbuf,
+        cache_size=args.cache_size,
+        check_interval=args.check_interval,
+        check_timeout=args.check_timeout,
+        flap_state=args.flap_state,
+        carbon=_carbon_address(args.carbon),
+        stats_interval=args.stats_interval,
+        stats_prefix=prefix,
+    )
+    return config, damper
+
+
+def run_statsd(args: argparse.Namespace) -> int:
+    from carbonscale.relay.statsd import Supervisor, primary
+
+    config, damper = statsd_config_from_args(args)
+    if args.locate:
+        count = len(config.backends)
+        for name in args.locate:
+            data = name.encode().split(b":", 1)[0]
+            print(f"{name} {config.backends[primary(data, count)].spec}")
+        return 0
+    if args.check_config:
+        for index, backend in enumerate(config.backends):
+            print(f"{index} {backend.spec}")
+        return 0
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(message)s",
+    )
+    return Supervisor(config, damper).run()

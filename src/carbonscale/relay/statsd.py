@@ -27,10 +27,8 @@ supervisor share one small array (health flags, counters).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import logging
-import math
 import multiprocessing
 import select
 import signal
@@ -39,22 +37,13 @@ import socketserver
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from carbonscale import CarbonscaleError
-from carbonscale.flap import (
-    SEED_HALF_LIFE,
-    SEED_PENALTY,
-    SEED_REUSE_LIMIT,
-    SEED_SUPPRESS_LIMIT,
-    FlapDamper,
-    FlapState,
-    FlapStore,
-)
+from carbonscale.flap import FlapDamper, FlapState, FlapStore
 from carbonscale.health import statsd_admin_health
-from carbonscale.inventory import bracket, host_address
 from carbonscale.relay import udpio
 from carbonscale.ring import fnv1a_64, jump_hash, xorshift64
 
@@ -170,37 +159,6 @@ def parse_backends(texts: Sequence[str]) -> list[Backend]:
             )
         seen.add(key)
     return backends
-
-
-def backends_from_inventory(
-    hosts: Sequence[str], hostvars: Mapping, default_instances: Sequence[Mapping] | None = None
-) -> list[str]:
-    """Backend specs of the statsd daemons on `hosts`, in inventory order.
-
-    For each host (in the given order), each entry of its `statsd_instances`
-    (`{name, port, admin_port}`, in list order; `default_instances` when the
-    host does not set it) becomes `<carbonscale_address>:<port>:<admin_port>`
-    (the default IPv4 address when carbonscale_address is unset). Every relay
-    derives the same list from the same inventory, so they all hash alike.
-    The Ansible filter `statsd_backends` is this function.
-    """
-    specs: list[str] = []
-    for host in hosts:
-        address = bracket(host_address(host, hostvars, "statsd host"))
-        hv = hostvars[host]
-        instances = hv.get("statsd_instances") or default_instances
-        if not instances:
-            raise CarbonscaleError(f"statsd host {host}: statsd_instances is not set or empty")
-        for position, inst in enumerate(instances):
-            where = f"statsd host {host}: statsd_instances[{position}]"
-            if not isinstance(inst, Mapping):
-                raise CarbonscaleError(f"{where} must be a mapping with name, port, admin_port")
-            ports = inst.get("port"), inst.get("admin_port")
-            if not all(isinstance(p, int) and not isinstance(p, bool) for p in ports):
-                raise CarbonscaleError(f"{where} needs integer port and admin_port, got {ports}")
-            specs.append(parse_backend(f"{address}:{ports[0]}:{ports[1]}").spec)
-    parse_backends(specs)
-    return specs
 
 
 # --------------------------------------------------------------------------
@@ -946,91 +904,3 @@ class Supervisor:
             self.send_stats()
         counters, _ = self.totals()
         log.info("stopped: %s", ", ".join(f"{name} {value}" for name, value in counters.items()))
-
-
-# --------------------------------------------------------------------------
-# Command line (`carbonscale relay statsd`)
-
-
-def _address(text: str) -> tuple[str, int] | None:
-    if text in ("", "none"):
-        return None
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CarbonscaleError(f"--carbon {text!r}: expected HOST:PORT (or 'none')")
-    return host, int(port)
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def config_from_args(args: argparse.Namespace) -> tuple[RelayConfig, FlapDamper]:
-    backends = parse_backends(args.backends)
-    for name, value, low, high in (
-        ("--port", args.port, 1, 65535),
-        ("--admin-port", args.admin_port, 0, 65535),
-        ("--workers", args.workers, 1, 256),
-        ("--packet-size", args.packet_size, 64, 65507),
-        ("--cache-size", args.cache_size, 1, 1 << 40),
-        ("--rcvbuf", args.rcvbuf, 0, 1 << 31),
-    ):
-        if not low <= value <= high:
-            raise CarbonscaleError(f"{name} {value}: must be in {low}-{high}")
-    for name, value in (
-        ("--check-interval", args.check_interval),
-        ("--check-timeout", args.check_timeout),
-        ("--stats-interval", args.stats_interval),
-    ):
-        if not (math.isfinite(value) and value > 0):
-            raise CarbonscaleError(f"{name} {value}: must be a positive number of seconds")
-    # Unset flap parameters are the seed's (carbonscale.flap).
-    damper = FlapDamper(
-        half_life=_or(args.flap_half_life, SEED_HALF_LIFE),
-        reuse_limit=_or(args.flap_reuse_limit, SEED_REUSE_LIMIT),
-        suppress_limit=_or(args.flap_suppress_limit, SEED_SUPPRESS_LIMIT),
-        penalty=_or(args.flap_penalty, SEED_PENALTY),
-    )
-    prefix = args.stats_prefix or f"carbon.relays.{socket.gethostname().split('.')[0]}.statsd"
-    config = RelayConfig(
-        backends=backends,
-        listen=args.listen,
-        port=args.port,
-        admin_listen=args.admin_listen,
-        admin_port=args.admin_port,
-        workers=args.workers,
-        packet_size=args.packet_size,
-        rcvbuf=args.rcvbuf,
-        cache_size=args.cache_size,
-        check_interval=args.check_interval,
-        check_timeout=args.check_timeout,
-        flap_state=args.flap_state,
-        carbon=_address(args.carbon),
-        stats_interval=args.stats_interval,
-        stats_prefix=prefix,
-    )
-    return config, damper
-
-
-def main(args: argparse.Namespace) -> int:
-    config, damper = config_from_args(args)
-    if args.locate:
-        count = len(config.backends)
-        for name in args.locate:
-            data = name.encode().split(b":", 1)[0]
-            print(f"{name} {config.backends[primary(data, count)].spec}")
-        return 0
-    if args.check_config:
-        for index, backend in enumerate(config.backends):
-            print(f"{index} {backend.spec}")
-        return 0
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(message)s",
-    )
-    return Supervisor(config, damper).run()
-
-
-if __name__ == "__main__":  # pragma: no cover - spawn imports the module by name
-    raise SystemExit("run `carbonscale relay statsd`")
