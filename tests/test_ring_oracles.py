@@ -231,6 +231,6 @@ def test_batch_twins_match_the_c_loops(monkeypatch):
     names = [n.encode() for n in make_names(rng, 5000)]
     members = make_members(rng, 30, "mixed")
     expected = {h: Ring(members, h, replication=3).locate_batch(names) for h in ringmod.HASH_TYPES}
-    monkeypatch.setattr(ringmod, "_ringhash", None)
+    monkeypatch.setattr(ringmod.hashes, "_ringhash", None)
     for hash_type, rows in expected.items():
         assert (Ring(members, hash_type, replication=3).locate_batch(names) == rows).all()

@@ -339,7 +339,7 @@ def test_dst_appearing_during_the_copy_is_filled_not_replaced(tmp_path, monkeypa
         make(Path(target), SCHEMA, [(NOW, 9.0)])
         return real_link(source, target)
 
-    monkeypatch.setattr(W.os, "link", carbon_creates_it_first)
+    monkeypatch.setattr(W.files.os, "link", carbon_creates_it_first)
     result = W.fill_file(src, str(dst), NOW)
     monkeypatch.undo()
     assert result.status == W.FILLED
@@ -456,7 +456,7 @@ WRITE_FAILS = """
 import fcntl, json, resource, signal, sys
 from carbonscale import whisper as W
 if sys.argv[3] == "numpy":
-    W._whisper = None
+    W.merge._whisper = None
 # A file size limit below every archive: each write of the fill fails with EFBIG,
 # a real failed pwrite (in the C merge's writer or in apply_writes).
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

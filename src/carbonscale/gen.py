@@ -14,7 +14,10 @@ import time
 from collections.abc import Iterator
 
 from carbonscale import CarbonscaleError
+
+# Sending lives in carbonscale.sender; `send` stays importable from here too.
 from carbonscale.sender import Point
+from carbonscale.sender import send as send
 
 
 def metric_names(count: int, prefix: str, names_file: str | None = None) -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from carbonscale import CarbonscaleError
-from carbonscale.relay.statsd import parse_backend, parse_backends
+from carbonscale.relay.statsd.backends import parse_backend, parse_backends
 
 
 def host_address(host: str, hostvars: Mapping, what: str = "host") -> str:

@@ -16,8 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from carbonscale import CarbonscaleError
-from carbonscale.ring import Ring
-from carbonscale.ring import _ringhash as _ringhash
+from carbonscale.ring import Ring, hashes
 
 BLOCK_BYTES = 1 << 20  # read and write in 1 MiB blocks (two threads format them)
 
@@ -76,8 +75,8 @@ def read_names(stream: BinaryIO) -> Iterator[list[bytes]]:
 
 def join_lines(names: list[bytes], suffixes: list[bytes], indices: np.ndarray) -> bytes:
     """names[i] + suffixes[indices[i]] for every name, as one bytes object."""
-    if _ringhash is not None:
-        return _ringhash.join_lines(names, suffixes, indices.astype(np.int64).tobytes())
+    if hashes._ringhash is not None:
+        return hashes._ringhash.join_lines(names, suffixes, indices.astype(np.int64).tobytes())
     parts: list[bytes] = [b""] * (2 * len(names))
     parts[::2] = names
     parts[1::2] = list(map(suffixes.__getitem__, indices.tolist()))
@@ -139,7 +138,7 @@ class Locator:
             if self.code_table is not None:
                 order = ring.bucket_order.astype(np.int64).tobytes()
                 self.block_args = (2, True, b"", self.code_table, order, ring.replication)
-        if _ringhash is None or not hasattr(_ringhash, "locate_block"):
+        if hashes._ringhash is None or not hasattr(hashes._ringhash, "locate_block"):
             self.block_args = None
 
     def format(self, names: list[bytes]) -> bytes:
@@ -155,7 +154,7 @@ class Locator:
     def format_block(self, block: bytes, line_no: int) -> bytes:
         if self.block_args is not None:
             check_utf8(block, line_no)
-            return _ringhash.locate_block(block, *self.block_args)
+            return hashes._ringhash.locate_block(block, *self.block_args)
         names = names_in(block, line_no)
         return self.format(names) if names else b""
 

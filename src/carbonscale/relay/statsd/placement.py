@@ -1,0 +1,84 @@
+"""Which backend a metric name goes to: StatsRelay's placement, then
+carbon-c-relay's jump replicas while backends are held out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from carbonscale.ring import fnv1a_64, jump_hash, xorshift64
+
+
+def choices(key: int, count: int) -> Iterator[int]:
+    """Backend indices in preference order for a 64-bit name hash.
+
+    The first is StatsRelay's `Jump(key, count)`; each next one is the next
+    jump replica as carbon-c-relay computes it: remove the chosen bucket by
+    moving the last bucket into its place, xorshift the key, jump over one
+    bucket fewer.
+    """
+    buckets = list(range(count))
+    alive = count
+    while alive:
+        position = jump_hash(key, alive)
+        yield buckets[position]
+        alive -= 1
+        buckets[position] = buckets[alive]
+        key = xorshift64(key)
+
+
+def primary(name: bytes, count: int) -> int:
+    """StatsRelay's backend index for a metric name (bytes before ':')."""
+    return jump_hash(fnv1a_64(name), count)
+
+
+def place(name: bytes, usable: Sequence[bool]) -> int | None:
+    """The first usable backend in `name`'s preference order, or None."""
+    for index in choices(fnv1a_64(name), len(usable)):
+        if usable[index]:
+            return index
+    return None
+
+
+def route_py(
+    data: bytes,
+    first: dict[bytes, int],
+    usable: bytes,
+    second: dict[bytes, int],
+    pending: list[list[bytes]],
+) -> tuple[int, int, list[tuple[bytes, bytes]]]:
+    """Sort the metric lines of `data` into `pending` by cached placement.
+
+    A line is `name:value|type...`: a name of at least one byte before the
+    first ':' and a '|' after it, or it is malformed (counted, dropped).
+    Empty lines are not metrics. A routable line goes to
+    `pending[first[name]]` when that backend is usable (`usable[i]` non-zero),
+    else to `pending[second[name]]`; a name missing from the cache it needs
+    is returned in `misses` as `(name, line)` for the caller to hash. Returns
+    `(metrics, malformed, misses)`. The C extension's `route` is this loop.
+    """
+    metrics = malformed = 0
+    misses = []
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        metrics += 1
+        colon = line.find(b":")
+        if colon < 1 or line.find(b"|", colon) < 0:
+            malformed += 1
+            continue
+        name = line[:colon]
+        index = first.get(name)
+        if index is not None and not usable[index]:
+            index = second.get(name)
+        if index is None:
+            misses.append((name, line))
+        else:
+            pending[index].append(line)
+    return metrics, malformed, misses
+
+
+try:
+    from carbonscale.relay._statsd import route
+except ImportError:  # a checkout whose extension was not compiled
+    route = route_py
