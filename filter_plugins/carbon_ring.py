@@ -4,6 +4,8 @@
       -> ["10.0.0.31:2103=a", "10.0.0.31:2203=b", ...]
     {{ 'servers.web1.cpu' | carbon_ring_owners(members, hash='jump_fnv1a_ch', replication=2) }}
       -> ["10.0.0.32:2203", "10.0.0.31:2103"]
+    {{ members | carbon_ring_errors(hash='fnv1a_ch', replication=2) }}
+      -> [] when carbon-c-relay can run the cluster, else one line per problem
 
 Members are `<carbonscale_address>:<line_port>=<name>` for each storage host
 (in the order given), then each of its `carbon_instances` (in list order).
@@ -21,7 +23,8 @@ from ansible.errors import AnsibleFilterError
 try:
     from carbonscale import CarbonscaleError
     from carbonscale.inventory import bracket, host_address
-    from carbonscale.ring import Member, Ring, parse_member
+    from carbonscale.ring import Member, Ring, parse_member, ring_errors
+    from carbonscale.ring.build import shadowed_warning
 
     IMPORT_ERROR = None
 except ImportError as exc:  # pragma: no cover - depends on the controller's python
@@ -127,9 +130,40 @@ def carbon_ring_shadowed(
     return [member.relay_syntax for member in ring.shadowed_members()]
 
 
+def carbon_ring_errors(
+    members: list[str],
+    hash: str = "carbon_ch",
+    replication: int = 1,
+    compat: str = "carbon-c-relay",
+) -> list[str]:
+    """Why a cluster cannot be rendered, one line each; [] when it can.
+
+    The checks are carbonscale.ring's (`ring_errors`: hash type, member syntax,
+    1 to RELAY_MAX_MEMBERS members for carbon-c-relay, no duplicates,
+    1 <= replication <= members), then members that would receive no metric
+    (`carbon_ring_shadowed`), which carbon-c-relay accepts silently.
+    """
+    _require_carbonscale()
+    if isinstance(members, str) or not isinstance(members, (list, tuple)):
+        return [f"members must be a list of host:port[=instance], got {members!r}"]
+    try:
+        replication = int(replication)
+    except (TypeError, ValueError):
+        return [f"replication must be a number, got {replication!r}"]
+    errors = ring_errors([str(m) for m in members], str(hash), str(compat), replication)
+    if errors:
+        return errors
+    try:
+        warning = shadowed_warning(_ring(tuple(map(str, members)), hash, replication, compat))
+    except CarbonscaleError as exc:  # e.g. replicas that collide on every position
+        return [str(exc)]
+    return [warning] if warning else []
+
+
 class FilterModule:
     def filters(self):
         return {
+            "carbon_ring_errors": carbon_ring_errors,
             "carbon_ring_members": carbon_ring_members,
             "carbon_ring_owners": carbon_ring_owners,
             "carbon_ring_shadowed": carbon_ring_shadowed,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from carbonscale import CarbonscaleError
 from carbonscale.ring import Ring, parse_member
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,3 +236,53 @@ def test_shadowed_filter_names_the_members_that_get_nothing(tmp_path):
     # Instances a, b, a, b, a under fnv1a_ch: only the first a and first b own entries.
     assert facts["fnv"] == ["10.1.0.2:2103=a", "10.1.0.2:2203=b", "[2001:db8::3]:2103=a"]
     assert facts["ch"] == []
+
+
+@needs_ansible
+def test_errors_filter_lists_what_carbon_c_relay_refuses(tmp_path):
+    """carbon_ring_errors: carbonscale.ring's checks, one line each, [] when valid."""
+    too_many = [f"10.2.0.{i}:2003" for i in range(1, 66)]
+    run = playbook(
+        tmp_path,
+        f"""\
+    - name: Errors of good and bad clusters
+      vars:
+        members: "{{{{ groups['storage'] | carbon_ring_members(hostvars) }}}}"
+      ansible.builtin.set_fact:
+        good: "{{{{ members | carbon_ring_errors(hash='carbon_ch', replication=2) }}}}"
+        jump: "{{{{ members | carbon_ring_errors(hash='jump_fnv1a_ch', replication=5) }}}}"
+        shadowed: "{{{{ members | carbon_ring_errors(hash='fnv1a_ch') }}}}"
+        too_many: "{{{{ {too_many} | carbon_ring_errors }}}}"
+        several: "{{{{ ['10.1.0.1:2103', '10.1.0.1:2103', 'bad host'] |
+          carbon_ring_errors(hash='md5', replication=4) }}}}"
+        no_replication: "{{{{ members | carbon_ring_errors(replication=0) }}}}"
+""",
+    )
+    assert run.returncode == 0, run.stdout
+    facts = task_results(run)[0]["ansible_facts"]
+    assert facts["good"] == [] and facts["jump"] == []
+    # The same line the relay role and `carbonscale ring` print for shadowed members.
+    assert facts["shadowed"] == [
+        "3 member(s) own no ring position and receive nothing: 10.1.0.2:2103=a, "
+        "10.1.0.2:2203=b, [2001:db8::3]:2103=a (fnv1a_ch hashes the instance alone: "
+        "give every member its own instance)"
+    ]
+    assert facts["too_many"] == [
+        "65 members: carbon-c-relay accepts at most 64 in one cluster (CONN_DESTS_SIZE); "
+        "split the ring or use --compat carbon"
+    ]
+    assert facts["several"] == [
+        "unknown hash 'md5': choose one of carbon_ch, fnv1a_ch, jump_fnv1a_ch",
+        "member 'bad host': empty or contains whitespace",
+        "duplicate member 10.1.0.1:2103 (same as 10.1.0.1:2103)",
+        "replication 4 is greater than the 2 members",
+    ]
+    assert facts["no_replication"] == ["replication must be >= 1, got 0"]
+    # Each line is what Ring raises first for the same input.
+    for members, hash_type, replication, lines in (
+        (too_many, "carbon_ch", 1, facts["too_many"]),
+        (EXPECTED_MEMBERS, "carbon_ch", 0, facts["no_replication"]),
+    ):
+        with pytest.raises(CarbonscaleError) as raised:
+            Ring(members, hash_type, replication=replication)
+        assert str(raised.value) == lines[0]

@@ -12,11 +12,7 @@ import importlib
 import os
 import sys
 
-from carbonscale import CarbonscaleError, __version__, commands
-
-# Exit codes: 0 ok, 1 the operation ran and found a problem (a miss, a skipped
-# file), 2 bad input or usage (argparse uses 2 as well), 130 interrupted.
-EXIT_USAGE = 2
+from carbonscale import CarbonscaleError, ExitStatus, __version__, commands
 
 
 def command_groups() -> list[str]:
@@ -86,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or ExitStatus.OK)
     except CarbonscaleError as exc:
         print(f"carbonscale: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitStatus.USAGE
     except KeyboardInterrupt:
         print("carbonscale: interrupted", file=sys.stderr)
-        return 130
+        return ExitStatus.INTERRUPTED
     except BrokenPipeError:
         # `carbonscale ring locate ... | head` closed the pipe: not an error.
         sys.stderr.close()
-        return 0
+        return ExitStatus.OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from carbonscale import CarbonscaleError
+from carbonscale import CarbonscaleError, ExitStatus
 from carbonscale.cache.backends import Backend
 from carbonscale.cache.parsers import CacheState
 
@@ -91,7 +91,7 @@ def halt(backend: Backend, log: Callable[[str], None]) -> int:
                 + (f"; held by {'; '.join(holders)}" if holders else "")
                 + f". KEEPING the cache: {backend.describe()} is not flushed and not removed"
             )
-            return 1
+            return ExitStatus.PROBLEM
         log(f"unmounted {config.whisper_dir}")
     else:
         log(f"{config.whisper_dir} is not mounted")
@@ -103,7 +103,7 @@ def halt(backend: Backend, log: Callable[[str], None]) -> int:
             "nothing to flush"
         )
         log(f"safe halt done in {elapsed():.1f} s")
-        return 0
+        return ExitStatus.OK
     log(f"dirty blocks before flush: {before.describe()}")
 
     # 4. flush, watched and bounded.
@@ -140,7 +140,7 @@ def halt(backend: Backend, log: Callable[[str], None]) -> int:
         f"safe halt done in {elapsed():.1f} s: dirty blocks before {before.dirty_blocks}, "
         f"after {after.dirty_blocks if after.present else 0}"
     )
-    return 0
+    return ExitStatus.OK
 
 
 def _gave_up(backend: Backend, log, before: CacheState, now: CacheState, seconds: float) -> int:
@@ -150,4 +150,4 @@ def _gave_up(backend: Backend, log, before: CacheState, now: CacheState, seconds
         f"left {now.dirty_blocks if now.present else 0}; cache "
         f"{'removed' if gone else 'still attached'}"
     )
-    return 1
+    return ExitStatus.PROBLEM

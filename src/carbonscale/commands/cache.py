@@ -15,6 +15,8 @@ import socket
 import sys
 import time
 
+from carbonscale import ExitStatus
+
 DEFAULT_CONFIG = "/etc/carbonscale/ssd-cache.json"
 
 
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument(
             "--config",
             default=DEFAULT_CONFIG,
-            help=f"the cache's JSON config, from the ssd_cache role (default {DEFAULT_CONFIG})",
+            help="the cache's JSON config, from the ssd_cache role (default %(default)s)",
         )
         sub.set_defaults(func=func)
         return sub
@@ -80,7 +82,7 @@ def run_check(args: argparse.Namespace) -> int:
     backend = _backend(args)
     check(backend)
     print(f"{backend.kind}: programs and kernel target present")
-    return 0
+    return ExitStatus.OK
 
 
 def run_start(args: argparse.Namespace) -> int:
@@ -95,7 +97,7 @@ def run_start(args: argparse.Namespace) -> int:
             print(change)
         if not changes:
             print(f"{backend.describe()}: already up as configured")
-    return 0
+    return ExitStatus.OK
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -105,7 +107,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps({"device": backend.describe(), **state.__dict__}))
     else:
         print(f"{backend.describe()}: {state.describe()}")
-    return 0
+    return ExitStatus.OK
 
 
 def run_halt(args: argparse.Namespace) -> int:
@@ -128,7 +130,7 @@ def run_report(args: argparse.Namespace) -> int:
     points = metric_points(prefix, backend.state(), int(time.time()))
     if args.dry_run:
         sys.stdout.write(encode_line(points).decode())
-        return 0
+        return ExitStatus.OK
     if not destination:
         from carbonscale import CarbonscaleError
 
@@ -137,4 +139,4 @@ def run_report(args: argparse.Namespace) -> int:
         )
     report(points, destination)
     print(f"{socket.gethostname()}: sent {len(points)} points to {destination}", file=sys.stderr)
-    return 0
+    return ExitStatus.OK

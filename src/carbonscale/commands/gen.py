@@ -7,7 +7,7 @@ import random
 import sys
 import time
 
-from carbonscale import CarbonscaleError
+from carbonscale import CarbonscaleError, ExitStatus
 from carbonscale.gen import generate, metric_names
 from carbonscale.sender import (
     FORMATS,
@@ -32,19 +32,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "-c", type=int, default=1000, dest="count", help="number of metric names (default 1000)"
+        "-c",
+        type=int,
+        default=1000,
+        dest="count",
+        help="number of metric names (default %(default)s)",
     )
     parser.add_argument(
         "-f", dest="names_file", help="file of metric names, one per line; overrides -c"
     )
     parser.add_argument(
-        "-i", type=int, default=60, dest="interval", help="seconds between points (default 60)"
+        "-i",
+        type=int,
+        default=60,
+        dest="interval",
+        help="seconds between points (default %(default)s)",
     )
     parser.add_argument(
-        "-l", type=int, default=100, dest="limit", help="random values are in [0, l) (default 100)"
+        "-l",
+        type=int,
+        default=100,
+        dest="limit",
+        help="random values are in [0, l) (default %(default)s)",
     )
     parser.add_argument(
-        "-p", default="test.", dest="prefix", help='prefix of every name (default "test.")'
+        "-p", default="test.", dest="prefix", help='prefix of every name (default "%(default)s")'
     )
     parser.add_argument(
         "-s",
@@ -56,18 +68,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-v", type=float, dest="value", help="use this value instead of random ones"
     )
     parser.add_argument(
-        "-x", type=int, default=1, dest="points", help="points per metric name (default 1)"
+        "-x",
+        type=int,
+        default=1,
+        dest="points",
+        help="points per metric name (default %(default)s)",
     )
     parser.add_argument("--seed", type=int, help="random seed, for repeatable values")
     parser.add_argument("--send", metavar="HOST:PORT", help="send to a listener instead of stdout")
     parser.add_argument(
-        "--format", choices=FORMATS, default="line", help="wire format (default line)"
+        "--format", choices=FORMATS, default="line", help="wire format (default %(default)s)"
     )
     parser.add_argument(
         "--rate", type=float, default=0, help="points per second when sending (0: unlimited)"
     )
     parser.add_argument(
-        "--statsd-type", choices=STATSD_TYPES, default="c", help="statsd metric type (default c)"
+        "--statsd-type",
+        choices=STATSD_TYPES,
+        default="c",
+        help="statsd metric type (default %(default)s)",
     )
     parser.add_argument(
         "--packet-size",
@@ -106,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             f"as {args.format} in {elapsed:.2f}s",
             file=sys.stderr,
         )
-        return 0
+        return ExitStatus.OK
     out = sys.stdout.buffer
     if args.rate:
         raise CarbonscaleError("--rate applies to --send only")
@@ -119,4 +138,4 @@ def run(args: argparse.Namespace) -> int:
         else:
             out.write(b"".join(line + b"\n" for line in encode_statsd(batch, args.statsd_type)))
     out.flush()
-    return 0
+    return ExitStatus.OK

@@ -12,7 +12,13 @@ import argparse
 import logging
 import sys
 
-from carbonscale.flap import SEED_HALF_LIFE, SEED_PENALTY, SEED_REUSE_LIMIT, SEED_SUPPRESS_LIMIT
+from carbonscale import ExitStatus
+from carbonscale.flap import (
+    SEED_HALF_LIFE,
+    SEED_PENALTY,
+    SEED_REUSE_LIMIT,
+    SEED_SUPPRESS_LIMIT,
+)
 from carbonscale.health import damped_check, damper_from
 from carbonscale.lvs_pool import Pool
 
@@ -23,13 +29,22 @@ def _flap_args(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="flap state file kept across runs (without it the check is undamped)",
     )
-    parser.add_argument("--timeout", type=float, default=1.0, help="seconds (default 1)")
+    parser.add_argument("--timeout", type=float, default=1.0, help="seconds (default %(default)g)")
     parser.add_argument(
         "--half-life", type=float, default=SEED_HALF_LIFE, help="seconds (default %(default)g)"
     )
-    parser.add_argument("--reuse-limit", type=float, default=SEED_REUSE_LIMIT)
-    parser.add_argument("--suppress-limit", type=float, default=SEED_SUPPRESS_LIMIT)
-    parser.add_argument("--penalty", type=float, default=SEED_PENALTY, help="per state change")
+    parser.add_argument(
+        "--reuse-limit", type=float, default=SEED_REUSE_LIMIT, help="(default %(default)g)"
+    )
+    parser.add_argument(
+        "--suppress-limit", type=float, default=SEED_SUPPRESS_LIMIT, help="(default %(default)g)"
+    )
+    parser.add_argument(
+        "--penalty",
+        type=float,
+        default=SEED_PENALTY,
+        help="per state change (default %(default)g)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing")
 
 
@@ -81,14 +96,14 @@ def run_check(args: argparse.Namespace) -> int:
     result = damped_check(args.kind, args.host, args.port, damper, args.state, args.timeout)
     if not args.quiet:
         print(f"{args.kind} {args.host}:{args.port} {result.describe(damper)}")
-    return 0 if result.usable else 1
+    return ExitStatus.OK if result.usable else ExitStatus.PROBLEM
 
 
 def run_pool(args: argparse.Namespace) -> int:
     pool = Pool.load(args.config)
     if args.init:
         print("created" if pool.init() else "kept")
-        return 0
+        return ExitStatus.OK
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
     pool.run(args.rounds)
-    return 0
+    return ExitStatus.OK

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from carbonscale import ExitStatus
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -40,8 +42,8 @@ def run_config_test(args: argparse.Namespace) -> int:
         print(
             f"carbonscale: {args.config}: keepalived --config-test failed ({code})", file=sys.stderr
         )
-        return 1
-    return 0
+        return ExitStatus.PROBLEM
+    return ExitStatus.OK
 
 
 def run_engine(args: argparse.Namespace) -> int:
@@ -51,4 +53,4 @@ def run_engine(args: argparse.Namespace) -> int:
     if engine.warning:
         print(f"warning: {engine.warning}", file=sys.stderr)
     print(engine.name)
-    return 0
+    return ExitStatus.OK

@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import sys
 
+from carbonscale import ExitStatus
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -33,6 +35,8 @@ def _daemon_logging() -> None:
 
 
 def register_pickle(verbs: argparse._SubParsersAction) -> None:
+    from carbonscale.relay import lines
+
     parser = verbs.add_parser(
         "pickle",
         help="carbon pickle protocol in (2004), line protocol out to carbon-c-relay (2003)",
@@ -46,48 +50,53 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         fromfile_prefix_chars="@",
     )
     parser.add_argument(
-        "--listen", default=":2004", help="[HOST]:PORT to listen on (default :2004: every address)"
+        "--listen",
+        default=":2004",
+        help="[HOST]:PORT to listen on (default %(default)s: every address)",
     )
     parser.add_argument(
         "--upstream",
         default="127.0.0.1:2003",
-        help="carbon-c-relay's line listener HOST:PORT (default 127.0.0.1:2003)",
+        help="carbon-c-relay's line listener HOST:PORT (default %(default)s)",
     )
     parser.add_argument(
         "--max-frame",
         type=int,
-        default=1024 * 1024,
-        help="largest frame in bytes; a larger one closes its connection (default 1 MiB, carbon's)",
+        default=lines.DEFAULT_MAX_FRAME,
+        help="largest frame in bytes; a larger one closes its connection (default %(default)s, "
+        "carbon's)",
     )
     parser.add_argument(
         "--max-name",
         type=int,
-        default=4096,
-        help="longest metric name in bytes; longer points are skipped and counted (default 4096)",
+        default=lines.DEFAULT_MAX_NAME,
+        help="longest metric name in bytes; longer points are skipped and counted "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--max-output",
         type=int,
-        default=64 * 1024 * 1024,
-        help="a frame expanding to more line-protocol bytes is malformed (default 64 MiB)",
+        default=lines.DEFAULT_MAX_OUTPUT,
+        help="a frame expanding to more line-protocol bytes is malformed (default %(default)s)",
     )
     parser.add_argument(
         "--queue-size",
         type=int,
         default=1_000_000,
-        help="points held while carbon-c-relay is away; beyond, dropped and counted (default 1e6)",
+        help="points held while carbon-c-relay is away; beyond, dropped and counted "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=2500,
-        help="points written to carbon-c-relay per write, at most (default 2500)",
+        help="points written to carbon-c-relay per write, at most (default %(default)s)",
     )
     parser.add_argument(
         "--stats-interval",
         type=float,
         default=60.0,
-        help="seconds between the relay's own counters sent as metrics (default 60)",
+        help="seconds between the relay's own counters sent as metrics (default %(default)g)",
     )
     parser.add_argument(
         "--stats-prefix",
@@ -97,19 +106,20 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         "--idle-timeout",
         type=float,
         default=600.0,
-        help="close client connections silent this many seconds; 0 never (default 600)",
+        help="close client connections silent this many seconds; 0 never (default %(default)g)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to wait for the queue to reach carbon-c-relay (default 30)",
+        help="on SIGTERM, seconds to wait for the queue to reach carbon-c-relay "
+        "(default %(default)g)",
     )
     parser.add_argument(
         "--reconnect-interval",
         type=float,
         default=1.0,
-        help="seconds between connection attempts to carbon-c-relay (default 1)",
+        help="seconds between connection attempts to carbon-c-relay (default %(default)g)",
     )
     parser.add_argument(
         "--check-config",
@@ -142,16 +152,26 @@ def run_pickle(args: argparse.Namespace) -> int:
     if args.check_config:
         for field in dataclasses.fields(settings):
             print(f"{field.name}\t{getattr(settings, field.name)}")
-        return 0
+        return ExitStatus.OK
     _daemon_logging()
     pickle_relay.run(settings)
-    return 0
+    return ExitStatus.OK
 
 
 # ---------------------------------------------------------------- statsd
 
 
 def register_statsd(verbs: argparse._SubParsersAction) -> None:
+    from carbonscale.flap import (
+        SEED_HALF_LIFE,
+        SEED_PENALTY,
+        SEED_REUSE_LIMIT,
+        SEED_SUPPRESS_LIMIT,
+    )
+    from carbonscale.relay.statsd.config import RelayConfig
+
+    # The daemon's defaults are RelayConfig's; the options show them.
+    statsd = {field.name: field.default for field in dataclasses.fields(RelayConfig)}
     parser = verbs.add_parser(
         "statsd",
         help="statsd consistent-hash relay (8125) in front of statsd daemons, like StatsRelay",
@@ -173,68 +193,85 @@ def register_statsd(verbs: argparse._SubParsersAction) -> None:
         "order is the hash order and must be the same on every relay; a backend without "
         "ADMIN_PORT is never health-checked",
     )
-    parser.add_argument("--listen", default="0.0.0.0", help="UDP address (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8125, help="UDP port (default 8125)")
     parser.add_argument(
-        "--admin-listen", default="0.0.0.0", help="admin TCP address (default 0.0.0.0)"
+        "--listen", default=statsd["listen"], help="UDP address (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=statsd["port"], help="UDP port (default %(default)s)"
+    )
+    parser.add_argument(
+        "--admin-listen",
+        default=statsd["admin_listen"],
+        help="admin TCP address (default %(default)s)",
     )
     parser.add_argument(
         "--admin-port",
         type=int,
-        default=8126,
+        default=statsd["admin_port"],
         help="admin TCP port: 'health' answers 'health: up' (or down) like statsd, for "
-        "load-balancer checks; also 'health up|down', 'stats', 'backends' (default 8126; 0: off)",
+        "load-balancer checks; also 'health up|down', 'stats', 'backends' "
+        "(default %(default)s; 0: off)",
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="processes sharing the UDP port with SO_REUSEPORT (default 1)",
+        default=statsd["workers"],
+        help="processes sharing the UDP port with SO_REUSEPORT (default %(default)s)",
     )
     parser.add_argument(
         "--packet-size",
         type=int,
-        default=1400,
-        help="largest datagram sent to a backend in bytes (default 1400)",
+        default=statsd["packet_size"],
+        help="largest datagram sent to a backend in bytes (default %(default)s)",
     )
     parser.add_argument(
         "--rcvbuf",
         type=int,
-        default=32 * 1024 * 1024,
+        default=statsd["rcvbuf"],
         help="UDP receive buffer of each worker in bytes; above net.core.rmem_max only with "
-        "CAP_NET_ADMIN (default 32 MiB)",
+        "CAP_NET_ADMIN (default %(default)s)",
     )
     parser.add_argument(
         "--cache-size",
         type=int,
-        default=500_000,
-        help="metric names whose backend is remembered (default 500000)",
+        default=statsd["cache_size"],
+        help="metric names whose backend is remembered (default %(default)s)",
     )
     parser.add_argument(
         "--check-interval",
         type=float,
-        default=5.0,
-        help="seconds between health checks (default 5)",
+        default=statsd["check_interval"],
+        help="seconds between health checks (default %(default)g)",
     )
     parser.add_argument(
         "--check-timeout",
         type=float,
-        default=1.0,
-        help="seconds a backend's admin port has to answer (default 1)",
+        default=statsd["check_timeout"],
+        help="seconds a backend's admin port has to answer (default %(default)g)",
     )
     parser.add_argument(
-        "--flap-half-life", type=float, help="flap penalty half-life in seconds (default 60)"
+        "--flap-half-life",
+        type=float,
+        default=SEED_HALF_LIFE,
+        help="flap penalty half-life in seconds (default %(default)g)",
     )
     parser.add_argument(
-        "--flap-reuse-limit", type=float, help="penalty below which a backend returns (default 10)"
+        "--flap-reuse-limit",
+        type=float,
+        default=SEED_REUSE_LIMIT,
+        help="penalty below which a backend returns (default %(default)g)",
     )
     parser.add_argument(
         "--flap-suppress-limit",
         type=float,
-        help="penalty above which a flapping backend is held out (default 25)",
+        default=SEED_SUPPRESS_LIMIT,
+        help="penalty above which a flapping backend is held out (default %(default)g)",
     )
     parser.add_argument(
-        "--flap-penalty", type=float, help="penalty of each up/down change (default 10)"
+        "--flap-penalty",
+        type=float,
+        default=SEED_PENALTY,
+        help="penalty of each up/down change (default %(default)g)",
     )
     parser.add_argument(
         "--flap-state",
@@ -245,13 +282,13 @@ def register_statsd(verbs: argparse._SubParsersAction) -> None:
         "--carbon",
         default="127.0.0.1:2003",
         help="carbon line receiver HOST:PORT for the relay's counters, or 'none' "
-        "(default 127.0.0.1:2003)",
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--stats-interval",
         type=float,
-        default=60.0,
-        help="seconds between the relay's counters sent to carbon (default 60)",
+        default=statsd["stats_interval"],
+        help="seconds between the relay's counters sent to carbon (default %(default)g)",
     )
     parser.add_argument(
         "--stats-prefix",
@@ -286,24 +323,15 @@ def _carbon_address(text: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def statsd_config_from_args(args: argparse.Namespace):
     """The statsd relay's RelayConfig and FlapDamper from the parsed arguments."""
     import math
     import socket
 
     from carbonscale import CarbonscaleError
-    from carbonscale.flap import (
-        SEED_HALF_LIFE,
-        SEED_PENALTY,
-        SEED_REUSE_LIMIT,
-        SEED_SUPPRESS_LIMIT,
-        FlapDamper,
-    )
-    from carbonscale.relay.statsd import RelayConfig, parse_backends
+    from carbonscale.flap import FlapDamper
+    from carbonscale.relay.statsd.backends import parse_backends
+    from carbonscale.relay.statsd.config import RelayConfig
 
     backends = parse_backends(args.backends)
     for name, value, low, high in (
@@ -323,12 +351,11 @@ def statsd_config_from_args(args: argparse.Namespace):
     ):
         if not (math.isfinite(value) and value > 0):
             raise CarbonscaleError(f"{name} {value}: must be a positive number of seconds")
-    # Unset flap parameters are the seed's (carbonscale.flap).
     damper = FlapDamper(
-        half_life=_or(args.flap_half_life, SEED_HALF_LIFE),
-        reuse_limit=_or(args.flap_reuse_limit, SEED_REUSE_LIMIT),
-        suppress_limit=_or(args.flap_suppress_limit, SEED_SUPPRESS_LIMIT),
-        penalty=_or(args.flap_penalty, SEED_PENALTY),
+        half_life=args.flap_half_life,
+        reuse_limit=args.flap_reuse_limit,
+        suppress_limit=args.flap_suppress_limit,
+        penalty=args.flap_penalty,
     )
     prefix = args.stats_prefix or f"carbon.relays.{socket.gethostname().split('.')[0]}.statsd"
     config = RelayConfig(
@@ -352,7 +379,8 @@ def statsd_config_from_args(args: argparse.Namespace):
 
 
 def run_statsd(args: argparse.Namespace) -> int:
-    from carbonscale.relay.statsd import Supervisor, primary
+    from carbonscale.relay.statsd.placement import primary
+    from carbonscale.relay.statsd.supervisor import Supervisor
 
     config, damper = statsd_config_from_args(args)
     if args.locate:
@@ -360,11 +388,11 @@ def run_statsd(args: argparse.Namespace) -> int:
         for name in args.locate:
             data = name.encode().split(b":", 1)[0]
             print(f"{name} {config.backends[primary(data, count)].spec}")
-        return 0
+        return ExitStatus.OK
     if args.check_config:
         for index, backend in enumerate(config.backends):
             print(f"{index} {backend.spec}")
-        return 0
+        return ExitStatus.OK
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(message)s",

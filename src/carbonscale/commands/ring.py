@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from carbonscale import CarbonscaleError
+from carbonscale import CarbonscaleError, ExitStatus
 from carbonscale.ring import COMPATS, HASH_TYPES, Ring, RingDiff, suggest_instances
 
 # The library side of these verbs; imported here too so that the names keep
@@ -36,10 +36,10 @@ def _add_ring_options(parser: argparse.ArgumentParser, with_config: bool = True)
         "--compat",
         choices=COMPATS,
         default="carbon-c-relay",
-        help="whose placement to follow (default carbon-c-relay, the relay we deploy)",
+        help="whose placement to follow (default %(default)s, the relay we deploy)",
     )
     parser.add_argument(
-        "--replication", type=int, default=1, help="copies of each metric (default 1)"
+        "--replication", type=int, default=1, help="copies of each metric (default %(default)s)"
     )
     if with_config:
         parser.add_argument(
@@ -71,7 +71,7 @@ def run_locate(args: argparse.Namespace) -> int:
     locator = Locator(_ring_from(args))
     locate_stream(locator, sys.stdin.buffer, sys.stdout.buffer)
     sys.stdout.buffer.flush()
-    return 0
+    return ExitStatus.OK
 
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -114,7 +114,7 @@ def run_diff(args: argparse.Namespace) -> int:
     for src, row in table.items():
         cells = "".join(f"  {row.get(dst, 0):>{width}}" for dst in columns)
         print(f"{src:<{width}}{cells}", file=report)
-    return 0
+    return ExitStatus.OK
 
 
 def _sample(args: argparse.Namespace) -> list[bytes]:
@@ -167,7 +167,7 @@ def run_balance(args: argparse.Namespace) -> int:
         print(f"suggested instances (max/min share of ring positions {before:.3f} -> {after:.3f}):")
         for member in suggested:
             print(f"    {member.relay_syntax}")
-    return 0
+    return ExitStatus.OK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -220,12 +220,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     balance.add_argument("members", nargs="*", metavar="MEMBER", help="host[:port][=instance]")
     balance.add_argument("--names", metavar="FILE", help="sample names from FILE ('-': stdin)")
     balance.add_argument(
-        "--sample", type=int, default=SAMPLE_NAMES, help="synthetic sample size without --names"
+        "--sample",
+        type=int,
+        default=SAMPLE_NAMES,
+        help="synthetic sample size without --names (default %(default)s)",
     )
     balance.add_argument(
         "--suggest-instances",
         action="store_true",
         help="search instance names that balance a carbon_ch ring (like buckytools findhash)",
     )
-    balance.add_argument("--rounds", type=int, default=2, help="search passes (default 2)")
+    balance.add_argument(
+        "--rounds", type=int, default=2, help="search passes (default %(default)s)"
+    )
     balance.set_defaults(func=run_balance)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from carbonscale import CarbonscaleError
+from carbonscale import CarbonscaleError, ExitStatus
 from carbonscale.progress import Progress
 from carbonscale.whisper import SKIPPED, fill, resolve_pair, verify
 
 # Exit codes: 0 ok, 1 something was skipped or missing, 2 bad input.
-EXIT_PROBLEM = 1
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -26,7 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="source whisper file or directory tree")
     parser.add_argument("dst", metavar="DST", help="destination whisper file or directory tree")
     parser.add_argument(
-        "-j", "--jobs", type=int, default=1, help="files handled in parallel (default 1)"
+        "-j", "--jobs", type=int, default=1, help="files handled in parallel (default %(default)s)"
     )
     parser.add_argument(
         "--now",
@@ -118,7 +117,9 @@ def run_fill(args: argparse.Namespace) -> int:
         _print_json(summary.as_dict())
     else:
         print(f"fill: {summary.line()}")
-    return EXIT_PROBLEM if any(r.status == SKIPPED for r in summary.results) else 0
+    return (
+        ExitStatus.PROBLEM if any(r.status == SKIPPED for r in summary.results) else ExitStatus.OK
+    )
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -156,4 +157,4 @@ def run_verify(args: argparse.Namespace) -> int:
             f"{len(report['dst_missing'])} DST missing, {len(report['errors'])} errors, "
             f"{report['points_unchecked']} unchecked (no DST archive of their precision)"
         )
-    return 0 if summary.ok else EXIT_PROBLEM
+    return ExitStatus.OK if summary.ok else ExitStatus.PROBLEM

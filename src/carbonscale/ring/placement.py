@@ -29,6 +29,84 @@ RING_REPLICAS = 100
 RELAY_MAX_MEMBERS = 64
 
 
+def setting_errors(hash_type: str, compat: str) -> list[str]:
+    """What is wrong with a hash type and compat mode, one line each."""
+    errors = []
+    if hash_type not in HASH_TYPES:
+        errors.append(f"unknown hash {hash_type!r}: choose one of {', '.join(HASH_TYPES)}")
+    if compat not in COMPATS:
+        errors.append(f"unknown compat {compat!r}: choose one of {', '.join(COMPATS)}")
+    if compat == "carbon" and hash_type == "jump_fnv1a_ch":
+        errors.append("jump_fnv1a_ch exists only in carbon-c-relay; carbon has no jump hash")
+    return errors
+
+
+def member_errors(
+    members: Sequence[Member], compat: str, replication: int, diverse_replicas: bool
+) -> list[str]:
+    """What is wrong with a ring's members and replication, one line each: among
+    them carbon-c-relay's limits (CONN_DESTS_SIZE members, distinct members,
+    1 <= replication <= members). `diverse_replicas` is carbon's DIVERSE_REPLICAS."""
+    errors = []
+    if not members:
+        errors.append("a ring needs at least one member")
+    if compat == "carbon-c-relay" and len(members) > RELAY_MAX_MEMBERS:
+        errors.append(
+            f"{len(members)} members: carbon-c-relay accepts at most "
+            f"{RELAY_MAX_MEMBERS} in one cluster (CONN_DESTS_SIZE); split the ring "
+            f"or use --compat carbon"
+        )
+    seen: dict[tuple, Member] = {}
+    for member in members:
+        # carbon keys destinations by (server, instance); the relay by the line.
+        key = (
+            (member.host, member.instance)
+            if compat == "carbon"
+            else (member.host, member.port, member.instance)
+        )
+        if key in seen:
+            errors.append(f"duplicate member {member} (same as {seen[key]})")
+        else:
+            seen[key] = member
+    if not isinstance(replication, int) or replication < 1:
+        errors.append(f"replication must be >= 1, got {replication}")
+        return errors
+    if members and replication > len(members):
+        errors.append(f"replication {replication} is greater than the {len(members)} members")
+    if diverse_replicas and members:
+        hosts = len({m.host for m in members})
+        if replication > hosts:
+            errors.append(
+                f"replication {replication} with DIVERSE_REPLICAS needs "
+                f"{replication} distinct hosts, the members have {hosts}"
+            )
+    return errors
+
+
+def ring_errors(
+    members: Sequence[Member | str],
+    hash_type: str = "carbon_ch",
+    compat: str = "carbon-c-relay",
+    replication: int = 1,
+    diverse_replicas: bool = True,
+) -> list[str]:
+    """Every reason `Ring(members, hash_type, compat, replication, diverse_replicas)`
+    would refuse, one line each (empty when it builds): what Ring raises first is
+    the first of these. carbon-c-relay's limits live here once; the relay role
+    checks its clusters with this (the carbon_ring_errors filter)."""
+    errors = setting_errors(hash_type, compat)
+    parsed = []
+    for member in members:
+        try:
+            parsed.append(member if isinstance(member, Member) else parse_member(member))
+        except CarbonscaleError as exc:
+            errors.append(str(exc))
+    if compat == "carbon-c-relay":
+        parsed = [relay_canonical(m) for m in parsed]
+    diverse = diverse_replicas and compat == "carbon"
+    return errors + member_errors(parsed, compat, replication, diverse)
+
+
 def _carbon_key(host: str, instance: str | None) -> str:
     """carbon's ring key prefix: the Python repr of the (server, instance) tuple."""
     return str((host, instance))
@@ -50,16 +128,9 @@ class Ring:
         replication: int = 1,
         diverse_replicas: bool = True,
     ) -> None:
-        if hash_type not in HASH_TYPES:
-            raise CarbonscaleError(
-                f"unknown hash {hash_type!r}: choose one of {', '.join(HASH_TYPES)}"
-            )
-        if compat not in COMPATS:
-            raise CarbonscaleError(f"unknown compat {compat!r}: choose one of {', '.join(COMPATS)}")
-        if compat == "carbon" and hash_type == "jump_fnv1a_ch":
-            raise CarbonscaleError(
-                "jump_fnv1a_ch exists only in carbon-c-relay; carbon has no jump hash"
-            )
+        errors = setting_errors(hash_type, compat)
+        if errors:
+            raise CarbonscaleError(errors[0])
         parsed = [m if isinstance(m, Member) else parse_member(m) for m in members]
         if compat == "carbon-c-relay":
             parsed = [relay_canonical(m) for m in parsed]
@@ -78,38 +149,9 @@ class Ring:
     # ----- validation
 
     def _validate(self) -> None:
-        if not self.members:
-            raise CarbonscaleError("a ring needs at least one member")
-        if self.compat == "carbon-c-relay" and len(self.members) > RELAY_MAX_MEMBERS:
-            raise CarbonscaleError(
-                f"{len(self.members)} members: carbon-c-relay accepts at most "
-                f"{RELAY_MAX_MEMBERS} in one cluster (CONN_DESTS_SIZE); split the ring "
-                f"or use --compat carbon"
-            )
-        seen: dict[tuple, Member] = {}
-        for member in self.members:
-            # carbon keys destinations by (server, instance); the relay by the line.
-            key = (
-                (member.host, member.instance)
-                if self.compat == "carbon"
-                else (member.host, member.port, member.instance)
-            )
-            if key in seen:
-                raise CarbonscaleError(f"duplicate member {member} (same as {seen[key]})")
-            seen[key] = member
-        if not isinstance(self.replication, int) or self.replication < 1:
-            raise CarbonscaleError(f"replication must be >= 1, got {self.replication}")
-        if self.replication > len(self.members):
-            raise CarbonscaleError(
-                f"replication {self.replication} is greater than the {len(self.members)} members"
-            )
-        if self.diverse_replicas:
-            hosts = len({m.host for m in self.members})
-            if self.replication > hosts:
-                raise CarbonscaleError(
-                    f"replication {self.replication} with DIVERSE_REPLICAS needs "
-                    f"{self.replication} distinct hosts, the members have {hosts}"
-                )
+        errors = member_errors(self.members, self.compat, self.replication, self.diverse_replicas)
+        if errors:
+            raise CarbonscaleError(errors[0])
 
     # ----- ring construction (carbon_ch, fnv1a_ch)
 

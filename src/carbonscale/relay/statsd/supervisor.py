@@ -12,13 +12,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from carbonscale import CarbonscaleError
+from carbonscale import CarbonscaleError, ExitStatus
 from carbonscale.flap import FlapDamper, FlapState, FlapStore
 from carbonscale.health import statsd_admin_health
 from carbonscale.relay.statsd.backends import Backend
 from carbonscale.relay.statsd.config import RelayConfig
 from carbonscale.relay.statsd.shared import COUNTERS, SharedState
-from carbonscale.relay.statsd.worker import bind_udp, worker_main
+from carbonscale.relay.statsd.worker import EXIT_CANNOT_BIND, bind_udp, worker_main
 
 log = logging.getLogger("carbonscale.relay.statsd")
 
@@ -332,14 +332,14 @@ class Supervisor:
         now = time.monotonic()
         next_check = now + c.check_interval
         next_stats = now + c.stats_interval
-        exit_code = 0
+        exit_code = ExitStatus.OK
         while not self.stop.wait(min(1.0, c.check_interval)):
             for index, process in enumerate(self.processes):
                 if process is not None and not process.is_alive():
-                    if process.exitcode == 3:
+                    if process.exitcode == EXIT_CANNOT_BIND:
                         log.error("worker %d cannot bind its socket: stopping", index)
                         self.stop.set()
-                        exit_code = 1
+                        exit_code = ExitStatus.PROBLEM
                         break
                     log.error("worker %d died (exit %s): restarting", index, process.exitcode)
                     self.start_worker(index)

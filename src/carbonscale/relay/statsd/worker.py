@@ -41,6 +41,9 @@ COALESCE_LINES = 32
 COALESCE_SECONDS = 0.0005
 
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+# A worker exits with this when it cannot bind the port: the supervisor then
+# stops instead of restarting it in a loop.
+EXIT_CANNOT_BIND = 3
 
 
 def bind_udp(address: str, port: int, rcvbuf: int) -> socket.socket:
@@ -267,7 +270,7 @@ def worker_main(
         sock = bind_udp(listen, port, rcvbuf)
     except OSError as exc:
         log.error("cannot bind UDP %s:%d: %s", listen, port, exc.strerror)
-        sys.exit(3)
+        sys.exit(EXIT_CANNOT_BIND)
     worker = Worker(backends, state, index, sock, packet_size, cache_size)
 
     def on_term(signum, frame):
