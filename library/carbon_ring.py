@@ -76,6 +76,13 @@ options:
     description: Return per-metric results only up to this many names (counts always).
     type: int
     default: 10000
+attributes:
+  check_mode:
+    description: Computes the answer and reports whether I(dest) would change; writes nothing.
+    support: full
+  diff_mode:
+    description: Shows the change of I(dest), its first 50 lines before and after.
+    support: partial
 author: carbonscale
 """
 
@@ -102,36 +109,45 @@ count:
   description: Metric names read.
   type: int
   returned: always
+  sample: 2
 owners:
   description: For locate, metric -> list of host:port, primary first (up to max_results).
   type: dict
   returned: action is locate
+  sample: {servers.web1.cpu.user: ["10.0.0.32:2203", "10.0.0.31:2103"]}
 per_member:
   description: For locate, primary-owned names per member (relay syntax).
   type: dict
   returned: action is locate
+  sample: {"10.0.0.31:2103=a": 1, "10.0.0.32:2203=b": 1}
 moved:
   description: For diff, the moving metrics (up to max_results) with old and new owners.
   type: list
+  elements: dict
   returned: action is diff
+  sample: [{metric: servers.web1.cpu.user, old: ["10.0.0.31:2103"], new: ["10.0.0.34:2103"]}]
 moved_count:
   description: For diff, how many metrics change owners.
   type: int
   returned: action is diff
+  sample: 1
 moved_fraction:
   description: For diff, moved_count / count.
   type: float
   returned: action is diff
+  sample: 0.5
 matrix:
   description: For diff, names by old primary -> new primary (relay syntax).
   type: dict
   returned: action is diff
+  sample: {"10.0.0.31:2103=a": {"10.0.0.31:2103=a": 1, "10.0.0.34:2103=a": 1}}
 """
 
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.carbonscale_import import fail_without_carbonscale  # noqa: E402
 
 try:
     from carbonscale import CarbonscaleError
@@ -280,11 +296,7 @@ def main() -> None:
         required_if=[("action", "diff", ("new_members", "new_relay_config"), True)],
         supports_check_mode=True,
     )
-    if IMPORT_ERROR is not None:
-        module.fail_json(
-            msg=f"carbon_ring needs the carbonscale package ({IMPORT_ERROR}); on a node run it "
-            f"with ansible_python_interpreter=/opt/carbonscale/venv/bin/python"
-        )
+    fail_without_carbonscale(module, IMPORT_ERROR)
     try:
         names = _names(module)
         action = _locate if module.params["action"] == "locate" else _diff

@@ -21,6 +21,23 @@ options:
     type: str
     choices: [auto, ipvs, nginx]
     default: auto
+attributes:
+  check_mode:
+    description: Runs the same in check mode (it only reads the kernel).
+    support: full
+  diff_mode:
+    description: Nothing on the host changes, so there is no diff.
+    support: none
+author: carbonscale
+"""
+
+EXAMPLES = r"""
+- name: Choose the data path (IPVS, or nginx stream where the kernel has no IPVS)
+  lvs_engine:
+    requested: auto
+  register: lvs_engine_resolved
+  vars:
+    ansible_python_interpreter: /opt/carbonscale/venv/bin/python
 """
 
 RETURN = r"""
@@ -28,17 +45,23 @@ engine:
   description: C(ipvs) or C(nginx).
   type: str
   returned: success
+  sample: nginx
 ipvs:
   description: Whether the kernel has IPVS.
   type: bool
   returned: always
+  sample: false
 reason:
   description: How IPVS was found, or why it is missing.
   type: str
   returned: always
+  sample: >-
+    the kernel has no IPVS (/proc/net/ip_vs is missing;
+    modprobe: FATAL: Module ip_vs not found)
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.carbonscale_import import fail_without_carbonscale  # noqa: E402
 
 try:
     from carbonscale import CarbonscaleError
@@ -56,11 +79,7 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    if IMPORT_ERROR is not None:
-        module.fail_json(
-            msg=f"lvs_engine needs the carbonscale package ({IMPORT_ERROR}); run it with "
-            "ansible_python_interpreter=/opt/carbonscale/venv/bin/python"
-        )
+    fail_without_carbonscale(module, IMPORT_ERROR)
     has_ipvs, reason = ipvs_available()
     try:
         engine = resolve_engine(module.params["requested"], has_ipvs, reason)

@@ -49,6 +49,13 @@ options:
     description: Report at most this many files per list (skipped, missing).
     type: int
     default: 100
+attributes:
+  check_mode:
+    description: Reports what would be filled or copied and writes nothing.
+    support: full
+  diff_mode:
+    description: Whisper files are binary; the counts are the report, not a diff.
+    support: none
 author: carbonscale
 """
 
@@ -76,38 +83,56 @@ files:
   description: Source whisper files considered.
   type: int
   returned: always
+  sample: 1200
 filled:
   description: Destination files that got (or, in check mode, would get) points.
   type: int
   returned: always
+  sample: 340
 points:
   description: Points written (or that would be written).
   type: int
   returned: always
+  sample: 48210
 copied:
   description: Destination files created as copies of their source.
   type: int
   returned: always
+  sample: 12
 replaced:
   description: Corrupt destination files moved aside and replaced by a copy.
   type: int
   returned: always
+  sample: 0
 unchanged:
   description: Destination files that needed nothing.
   type: int
   returned: always
+  sample: 848
 skipped_files:
   description: Files skipped (corrupt or unreadable), with the reason (up to max_results).
   type: list
   elements: dict
   returned: always
+  sample: [{path: servers/web1/cpu.wsp, reason: "truncated header (8 bytes)"}]
 verify:
   description: The verification (points_checked, points_missing, dst_missing, errors, missing).
   type: dict
   returned: when verify is true
+  sample:
+    ok: true
+    files: 1200
+    points_checked: 1440000
+    points_missing: 0
+    points_unchecked: 0
+    files_with_missing_points: 0
+    dst_missing: []
+    errors: []
+    missing: []
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible.module_utils.carbonscale_import import fail_without_carbonscale  # noqa: E402
 
 try:
     from carbonscale import CarbonscaleError
@@ -130,11 +155,7 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
-    if IMPORT_ERROR is not None:
-        module.fail_json(
-            msg=f"whisper_fill needs the carbonscale package ({IMPORT_ERROR}); on a node run it "
-            "with ansible_python_interpreter=/opt/carbonscale/venv/bin/python"
-        )
+    fail_without_carbonscale(module, IMPORT_ERROR)
     params = module.params
     if not 1 <= params["jobs"] <= 256:
         module.fail_json(msg=f"jobs must be within 1..256, not {params['jobs']}")

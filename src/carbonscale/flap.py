@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 from carbonscale import CarbonscaleError
 
-SEED_HALF_LIFE = 60.0
-SEED_REUSE_LIMIT = 10.0
-SEED_SUPPRESS_LIMIT = 25.0
-SEED_PENALTY = 10.0
+DEFAULT_HALF_LIFE = 60.0
+DEFAULT_REUSE_LIMIT = 10.0
+DEFAULT_SUPPRESS_LIMIT = 25.0
+DEFAULT_PENALTY = 10.0
 
 
 @dataclass
@@ -49,10 +49,10 @@ class FlapDamper:
 
     def __init__(
         self,
-        half_life: float = SEED_HALF_LIFE,
-        reuse_limit: float = SEED_REUSE_LIMIT,
-        suppress_limit: float = SEED_SUPPRESS_LIMIT,
-        penalty: float = SEED_PENALTY,
+        half_life: float = DEFAULT_HALF_LIFE,
+        reuse_limit: float = DEFAULT_REUSE_LIMIT,
+        suppress_limit: float = DEFAULT_SUPPRESS_LIMIT,
+        penalty: float = DEFAULT_PENALTY,
         max_penalty: float | None = None,
     ) -> None:
         if half_life <= 0:

@@ -14,10 +14,10 @@ import sys
 
 from carbonscale import ExitStatus
 from carbonscale.flap import (
-    SEED_HALF_LIFE,
-    SEED_PENALTY,
-    SEED_REUSE_LIMIT,
-    SEED_SUPPRESS_LIMIT,
+    DEFAULT_HALF_LIFE,
+    DEFAULT_PENALTY,
+    DEFAULT_REUSE_LIMIT,
+    DEFAULT_SUPPRESS_LIMIT,
 )
 from carbonscale.health import damped_check, damper_from
 from carbonscale.lvs_pool import Pool
@@ -31,18 +31,18 @@ def _flap_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=1.0, help="seconds (default %(default)g)")
     parser.add_argument(
-        "--half-life", type=float, default=SEED_HALF_LIFE, help="seconds (default %(default)g)"
+        "--half-life", type=float, default=DEFAULT_HALF_LIFE, help="seconds (default %(default)g)"
     )
     parser.add_argument(
-        "--reuse-limit", type=float, default=SEED_REUSE_LIMIT, help="(default %(default)g)"
+        "--reuse-limit", type=float, default=DEFAULT_REUSE_LIMIT, help="(default %(default)g)"
     )
     parser.add_argument(
-        "--suppress-limit", type=float, default=SEED_SUPPRESS_LIMIT, help="(default %(default)g)"
+        "--suppress-limit", type=float, default=DEFAULT_SUPPRESS_LIMIT, help="(default %(default)g)"
     )
     parser.add_argument(
         "--penalty",
         type=float,
-        default=SEED_PENALTY,
+        default=DEFAULT_PENALTY,
         help="per state change (default %(default)g)",
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing")

@@ -163,10 +163,10 @@ def run_pickle(args: argparse.Namespace) -> int:
 
 def register_statsd(verbs: argparse._SubParsersAction) -> None:
     from carbonscale.flap import (
-        SEED_HALF_LIFE,
-        SEED_PENALTY,
-        SEED_REUSE_LIMIT,
-        SEED_SUPPRESS_LIMIT,
+        DEFAULT_HALF_LIFE,
+        DEFAULT_PENALTY,
+        DEFAULT_REUSE_LIMIT,
+        DEFAULT_SUPPRESS_LIMIT,
     )
     from carbonscale.relay.statsd.config import RelayConfig
 
@@ -252,25 +252,25 @@ def register_statsd(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--flap-half-life",
         type=float,
-        default=SEED_HALF_LIFE,
+        default=DEFAULT_HALF_LIFE,
         help="flap penalty half-life in seconds (default %(default)g)",
     )
     parser.add_argument(
         "--flap-reuse-limit",
         type=float,
-        default=SEED_REUSE_LIMIT,
+        default=DEFAULT_REUSE_LIMIT,
         help="penalty below which a backend returns (default %(default)g)",
     )
     parser.add_argument(
         "--flap-suppress-limit",
         type=float,
-        default=SEED_SUPPRESS_LIMIT,
+        default=DEFAULT_SUPPRESS_LIMIT,
         help="penalty above which a flapping backend is held out (default %(default)g)",
     )
     parser.add_argument(
         "--flap-penalty",
         type=float,
-        default=SEED_PENALTY,
+        default=DEFAULT_PENALTY,
         help="penalty of each up/down change (default %(default)g)",
     )
     parser.add_argument(

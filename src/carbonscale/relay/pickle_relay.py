@@ -440,14 +440,14 @@ class PickleRelay:
         if ready is not None:
             ready.set()
         await self.stopping.wait()
-        await self._drain(tasks[0])
+        await self._drain()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.upstream.close()
         return self.snapshot()
 
-    async def _drain(self, upstream_task: asyncio.Task) -> None:
+    async def _drain(self) -> None:
         """Stop taking data, then give carbon-c-relay everything queued (up to drain_timeout)."""
         self.server.close()
         for client in list(self.clients):

@@ -57,11 +57,6 @@ class Header(namedtuple("Header", "aggregation max_retention xff archives")):
         last = self.archives[-1]
         return last.offset + last.size
 
-    def schema(self) -> str:
-        """`60:10080,300:8640 average 0.5`: steps and points, method, xFilesFactor."""
-        archives = ",".join(f"{a.step}:{a.points}" for a in self.archives)
-        return f"{archives} {self.method} {self.xff:g}"
-
 
 def parse_header(data: bytes, file_size: int | None = None) -> Header:
     """The header of whisper bytes `data`; CorruptWhisper if the file is not whole.
