@@ -1,7 +1,7 @@
 /*
  * carbonscale._ringhash: the per-name loops of carbonscale.ring in C.
  *
- * The numpy batch functions in ring.py are the reference twin (and the
+ * The numpy batch functions in ring/hashes.py are the reference twin (and the
  * fallback where this module is not built); tests check both agree with the
  * scalar functions and with carbon-c-relay's -t output. Results come back as
  * bytes holding native-endian integer arrays, read with numpy.frombuffer.

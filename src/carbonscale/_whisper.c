@@ -6,8 +6,8 @@
  *
  * Both buffers must be whole whisper files whose headers carbonscale.whisper
  * .parse_header accepted (this code re-reads the header but trusts it). The
- * rules are those of the module docstring of carbonscale/whisper.py; the numpy
- * implementation there (plan_fill_numpy) is the reference twin, and the tests
+ * rules are those of the docstring of carbonscale/whisper/__init__.py; the numpy
+ * implementation (plan_fill_numpy in whisper/merge.py) is the reference twin, and the tests
  * check that both return exactly the same writes. `fill` is what a fill runs:
  * the same merge, its runs written to fd with pwrite (not handed to Python as
  * bytes objects: allocating those cost as much as the merge). The GIL is

@@ -14,7 +14,7 @@
  *       Send a sequence of bytes on a connected socket; returns how many
  *       were sent before the socket would block.
  *   route(data, first, usable, second, pending) -> (metrics, malformed, misses)
- *       See route_py in statsd.py: the same, line for line.
+ *       See route_py in relay/statsd/placement.py: the same, line for line.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
