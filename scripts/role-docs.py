@@ -30,7 +30,7 @@ HEADER = "| Variable | Default | Meaning |\n|---|---|---|\n"
 
 
 class RoleDocsError(Exception):
-    """A role whose files break the one-source rule, or whose README has no markers."""
+    """A role README the table cannot be written into (missing, or without its markers)."""
 
 
 def _load(path: Path) -> dict:
