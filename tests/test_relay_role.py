@@ -166,7 +166,7 @@ def test_two_clusters_for_dual_writes(tmp_path):
         # fnv1a_ch keys on the instance name alone: two "a" never both receive.
         (
             {"hosts": 2, "instances": ("a",), "carbon_relay_hash": "fnv1a_ch"},
-            "members that would never receive a metric",
+            "own no ring position and receive nothing",
         ),
         ({"carbon_relay_replication": 5}, "replication 5"),
         ({"carbon_relay_hash": "md5"}, "hash md5"),
