@@ -4,6 +4,7 @@ and how evenly a ring spreads (balance)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -13,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 
 from carbonscale import CarbonscaleError
+from carbonscale.relay_names import DEFAULT_ALLOWED_CHARS, rewrite_block
 from carbonscale.ring import (
     COMPATS,
     HASH_TYPES,
@@ -50,6 +52,31 @@ def _add_ring_options(parser: argparse.ArgumentParser, with_config: bool = True)
             help="take hash, replication and members from a carbon-c-relay config",
         )
         parser.add_argument("--cluster", metavar="NAME", help="the cluster of the relay config")
+    parser.add_argument(
+        "--allowed-chars",
+        metavar="CHARS",
+        default=DEFAULT_ALLOWED_CHARS.decode(),
+        help="the relay's -c: characters kept in names next to [A-Za-z0-9] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--raw-names",
+        action="store_true",
+        help="hash names as given, as `carbon-c-relay -t` does (the live relay rewrites them)",
+    )
+
+
+def name_rewrite(args: argparse.Namespace, ring: Ring) -> bytes | None:
+    """The allowed characters of the relay's name rewrite, or None to hash names as given.
+
+    carbon-c-relay rewrites every name before hashing it (carbonscale.relay_names);
+    carbon's Python relay does not.
+    """
+    if ring.compat != "carbon-c-relay" or args.raw_names:
+        return None
+    allowed = os.fsencode(args.allowed_chars)
+    if any(byte in b" \t\n\r\x0b\x0c.\0" for byte in allowed):
+        raise CarbonscaleError("--allowed-chars cannot hold whitespace, '.' or NUL")
+    return allowed
 
 
 def make_ring(
@@ -135,12 +162,15 @@ def check_utf8(block: bytes, line_no: int = 1) -> None:
         raise CarbonscaleError(f"line {bad}: metric name is not valid UTF-8") from exc
 
 
-def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
-    """Metric names of a block of lines: the first whitespace-separated field.
+def names_in(block: bytes, line_no: int = 1, allowed_chars: bytes | None = None) -> list[bytes]:
+    """Metric names of a block of lines: the first whitespace-separated field,
+    rewritten as carbon-c-relay does with allowed_chars (None: as given).
 
     Invalid UTF-8 stops everything with the line number: a name the relay
     would route is a name we must be able to print and compare.
     """
+    if allowed_chars is not None:
+        block = rewrite_block(block, allowed_chars)
     check_utf8(block, line_no)
     lines = block.split(b"\n")
     if any(space in block for space in (b" ", b"\t", b"\r", b"\x0b", b"\x0c")):
@@ -150,9 +180,9 @@ def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
     return [line for line in lines if line]
 
 
-def read_names(stream: BinaryIO) -> Iterator[list[bytes]]:
+def read_names(stream: BinaryIO, allowed_chars: bytes | None = None) -> Iterator[list[bytes]]:
     for block, line_no in read_blocks(stream):
-        names = names_in(block, line_no)
+        names = names_in(block, line_no, allowed_chars)
         if names:
             yield names
 
@@ -210,8 +240,9 @@ class Locator:
     owner rows when it is small, or builds the texts per batch.
     """
 
-    def __init__(self, ring: Ring) -> None:
+    def __init__(self, ring: Ring, allowed_chars: bytes | None = None) -> None:
         self.ring = ring
+        self.allowed_chars = allowed_chars  # the relay's name rewrite (None: names as given)
         self.code_table: list[bytes] | None = None
         # Arguments of _ringhash.locate_block, which does a whole block in C.
         self.block_args: tuple | None = None
@@ -241,9 +272,11 @@ class Locator:
 
     def format_block(self, block: bytes, line_no: int) -> bytes:
         if self.block_args is not None:
+            if self.allowed_chars is not None:
+                block = rewrite_block(block, self.allowed_chars)
             check_utf8(block, line_no)
             return _ringhash.locate_block(block, *self.block_args)
-        names = names_in(block, line_no)
+        names = names_in(block, line_no, self.allowed_chars)
         return self.format(names) if names else b""
 
 
@@ -271,7 +304,8 @@ def locate_stream(locator: Locator, source: BinaryIO, out: BinaryIO) -> None:
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    locator = Locator(_ring_from(args))
+    ring = _ring_from(args)
+    locator = Locator(ring, name_rewrite(args, ring))
     locate_stream(locator, sys.stdin.buffer, sys.stdout.buffer)
     sys.stdout.buffer.flush()
     return 0
@@ -292,7 +326,7 @@ def run_diff(args: argparse.Namespace) -> int:
             print(f"carbonscale: warning: {side} ring: {warning}", file=sys.stderr)
     diff = RingDiff(old, new)
     out = sys.stdout.buffer
-    for names in read_names(sys.stdin.buffer):
+    for names in read_names(sys.stdin.buffer, name_rewrite(args, old)):
         changed, old_rows, new_rows = diff.add(names)
         if not args.summary and changed.size:
             out.write(
@@ -320,7 +354,7 @@ def run_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample(args: argparse.Namespace) -> list[bytes]:
+def _sample(args: argparse.Namespace, allowed_chars: bytes | None = None) -> list[bytes]:
     if args.names:
         source = sys.stdin.buffer if args.names == "-" else None
         try:
@@ -328,7 +362,7 @@ def _sample(args: argparse.Namespace) -> list[bytes]:
         except OSError as exc:
             raise CarbonscaleError(f"cannot read names file {args.names}: {exc.strerror}") from exc
         with handle:
-            return [name for block in read_names(handle) for name in block]
+            return [name for block in read_names(handle, allowed_chars) for name in block]
     return [f"carbonscale.sample.{i:07d}.value".encode() for i in range(args.sample)]
 
 
@@ -353,7 +387,7 @@ def _balance_table(ring: Ring, names: list[bytes]) -> tuple[list[str], np.ndarra
 
 def run_balance(args: argparse.Namespace) -> int:
     ring = _ring_from(args)
-    names = _sample(args)
+    names = _sample(args, name_rewrite(args, ring))
     lines, primary = _balance_table(ring, names)
     print("\n".join(lines))
     low = primary.min()

@@ -1,0 +1,165 @@
+"""The metric name carbon-c-relay 3.7.3 really routes and sends, for any input bytes.
+
+The relay does not hash what a client sends. Before any rule sees a line,
+dispatcher.c (dispatch_received_metrics) rewrites it byte by byte:
+
+- a line ends at '\\n' or '\\r'; a line without a space, with nothing left
+  after the rewrite, longer than -M - 1 bytes or with a name longer than -m
+  is discarded (counted in metricsDiscarded);
+- ' ', '\\t' and '.' at the start are skipped; '\\t' becomes ' ';
+- the name ends at the first space; a '.' just before it is dropped;
+- a '.' or ' ' equal to the byte written before it is dropped (runs of dots
+  in the name become one dot), and so is one right after the end of the name;
+- in the name every byte that is not [A-Za-z0-9], not in the allowed
+  characters (-c, default "-_:#") or is NUL becomes '_' (so every byte
+  >= 0x80: 'ä' is two underscores);
+- unless ';' is an allowed character, a ';' in the name starts the tags: the
+  name (what is hashed and matched) ends before it, and the tags, value and
+  timestamp are copied as they are (only the dot and space rules apply).
+
+The consistent hash then runs over the name up to its end, so two names that
+differ only in rewritten bytes are one metric in one place. `carbon-c-relay -t`
+skips this step, which is why a comparison against -t alone never shows it.
+
+`relay_line` is a literal port of that loop (the specification, used by the
+tests against the live relay); `relay_key` and `rewrite_block` compute only
+the routed name, fast, for `carbonscale ring`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+# relay.c: `if (allowed_chars == NULL) allowed_chars = "-_:#";`
+DEFAULT_ALLOWED_CHARS = b"-_:#"
+# relay.h METRIC_BUFSIZ: the default and largest -M.
+METRIC_BUFSIZ = 32768
+
+_SPACE, _TAB, _DOT, _SEMI, _UNDERSCORE = b" \t.;_"
+_ALNUM = bytes(range(48, 58)) + bytes(range(65, 91)) + bytes(range(97, 123))
+
+
+def _allowed(allowed_chars: bytes | str) -> bytes:
+    return allowed_chars.encode() if isinstance(allowed_chars, str) else bytes(allowed_chars)
+
+
+def tags_supported(allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bool:
+    """dispatcher.c: tags are recognised when ';' is not an allowed character."""
+    return b";" not in _allowed(allowed_chars)
+
+
+def relay_line(
+    line: bytes,
+    allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS,
+    max_line: int = METRIC_BUFSIZ,
+    max_name: int | None = None,
+) -> tuple[bytes, int] | None:
+    """(the line as the relay sends it, without '\\n'; length of the routed name),
+    or None when the relay discards the line.
+
+    `line` holds no '\\n' or '\\r' (they end lines: split with `split_lines`).
+    A port of dispatch_received_metrics, statement for statement.
+    """
+    keep = frozenset(_ALNUM + _allowed(allowed_chars))
+    search_tags = tags_supported(allowed_chars)
+    out = bytearray()
+    firstspace = -1
+    for byte in line:
+        if byte in (_SPACE, _TAB, _DOT):
+            if not out:
+                continue  # never start with a separator
+            if byte == _TAB:
+                byte = _SPACE
+            if byte == _SPACE and firstspace < 0:
+                if out[-1] == _DOT:
+                    out.pop()  # strip trailing separator
+                firstspace = len(out)
+                out.append(_SPACE)
+            elif out[-1] != byte and len(out) - 1 != firstspace:
+                out.append(byte)
+        elif search_tags and byte == _SEMI:
+            search_tags = False
+            firstspace = len(out)
+            out.append(byte)
+        elif byte != 0 and (firstspace >= 0 or byte in keep):
+            out.append(byte)
+        else:
+            out.append(_UNDERSCORE)
+    if (
+        not out
+        or firstspace < 0
+        or len(out) > max_line - 1
+        or firstspace > (max_line if max_name is None else max_name)
+    ):
+        return None
+    return bytes(out), firstspace
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines as the relay cuts them: at every '\\n' and every '\\r'."""
+    return re.split(rb"[\r\n]", data)
+
+
+@lru_cache(maxsize=8)
+def _tables(allowed_chars: bytes) -> tuple[bytes, bytes, re.Pattern[bytes]]:
+    """(translation of name bytes, bytes that never need a rewrite, pattern
+    cutting a line after the end of its name) for one allowed-characters setting."""
+    keep = set(_ALNUM + allowed_chars) - {0}
+    # Name bytes; line ends and the byte that ended a name stay (see rewrite_block).
+    table = bytes(b if b in keep or b in b".\t\n ;" else _UNDERSCORE for b in range(256))
+    tags = b";" not in allowed_chars
+    safe = bytes(sorted((keep | set(b". \t\n")) - ({_SEMI} if tags else set())))
+    # The name ends at the first space or tab, or ';' with tags; keep that byte.
+    cut = re.compile(rb"([ \t;])[^\n]*" if tags else rb"([ \t])[^\n]*")
+    return table, safe, cut
+
+
+# Where a name may need dots dropped: runs, and dots before the end of the name
+# or after a leading separator.
+_DOT_TRAPS = (b"..", b". ", b".\t", b".\n", b" .", b"\t.", b"\n.")
+
+
+def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
+    """A block of lines as the names the relay routes them by, one per line.
+
+    A block the rewrite leaves unchanged (the common case: a few byte scans)
+    is returned as it is, values and all. Otherwise each line becomes its
+    name alone, and lines without one (blank, only separators, a name-less
+    ';tags' line, a line with a ';' after its first space, which the relay
+    routes by "name value...") are left out. A bare name is taken as if a value followed.
+    The same rules as relay_line, done on the whole block at once.
+    """
+    allowed = _allowed(allowed_chars)
+    table, safe, cut = _tables(allowed)
+    if (
+        not block.translate(None, safe)
+        and not block.startswith(b".")
+        and not block.endswith(b".")
+        and not any(trap in block for trap in _DOT_TRAPS)
+    ):
+        return block
+    names = block.replace(b"\r", b"\n")
+    names = re.sub(rb"(?m)^[ \t.]+", b"", names)  # leading separators
+    if b";" not in allowed:
+        # A ';' after the first space still ends the routed name there (the
+        # relay's tag check runs on the whole line): "name value" is no name.
+        names = re.sub(rb"(?m)^[^ \t;\n]*[ \t][^;\n]*;[^\n]*", b"", names)
+    names = cut.sub(rb"\1", names)  # name + the byte that ended it
+    names = names.translate(table)
+    names = re.sub(rb"\.\.+", b".", names)
+    # The dot before the end of a name goes, unless a ';' (tags) ended it.
+    names = re.sub(rb"(?m)\.(?=[ \t]?$)", b"", names)
+    names = names.translate(None, b" \t;" if b";" not in allowed else b" \t")
+    return b"".join(name + b"\n" for name in names.split(b"\n") if name)
+
+
+def relay_key(line: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
+    """The name the relay routes a line (or a bare name) by: what the
+    consistent hash and the match rules see. Empty when there is none.
+
+    '\n' and '\r' must not occur (see `split_lines`). Equal to relay_line's
+    name for every line the relay accepts (tests/test_relay_names.py).
+    """
+    fields = rewrite_block(line, allowed_chars).split(None, 1)  # an unchanged line keeps its value
+    return fields[0] if fields else b""
