@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from relay_oracle import RELAY
 
@@ -80,10 +79,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_relay(config: Path, port: int, args: list[str] = ()) -> Iterator[subprocess.Popen]:
-    """carbon-c-relay -f config (plus args), up once it accepts on port."""
+def running_relay(args: list[str], port: int) -> Iterator[subprocess.Popen]:
+    """carbon-c-relay with args (-f CONFIG ...), up once it accepts on port."""
     proc = subprocess.Popen(
-        [RELAY, "-f", str(config), *args],
+        [RELAY, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

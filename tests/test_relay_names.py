@@ -144,7 +144,7 @@ def test_live_relay_writes_where_locate_says(tmp_path, hash_type, replication):
         rng = random.Random(hash_type)
         data = b"".join(random_name(rng, i) + b" %d 1700000000\n" % i for i in range(10_000))
         routed = expected_lines(data)
-        with running_relay(config, port, ["-H", "test", "-w", "2"]):
+        with running_relay(["-f", str(config), "-H", "test", "-w", "2"], port):
             send(port, data)
             total = len(routed) * replication
             arrived = wait_for(lambda: sum(len(sinks.lines(p)) for p in sinks.ports) >= total)
