@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+import numpy as np
+
 # relay.c: `if (allowed_chars == NULL) allowed_chars = "-_:#";`
 DEFAULT_ALLOWED_CHARS = b"-_:#"
 # relay.h METRIC_BUFSIZ: the default and largest -M.
@@ -101,23 +103,40 @@ def split_lines(data: bytes) -> list[bytes]:
     return re.split(rb"[\r\n]", data)
 
 
+_WORD, _DOT_CLASS, _SEPARATOR, _OTHER = range(4)
+
+
 @lru_cache(maxsize=8)
-def _tables(allowed_chars: bytes) -> tuple[bytes, bytes, re.Pattern[bytes]]:
-    """(translation of name bytes, bytes that never need a rewrite, pattern
-    cutting a line after the end of its name) for one allowed-characters setting."""
+def _tables(allowed_chars: bytes) -> tuple[bytes, np.ndarray, re.Pattern[bytes]]:
+    """(translation of name bytes, class of each byte for the unchanged-block
+    test, pattern cutting a line after its name) for one allowed-characters setting."""
     keep = set(_ALNUM + allowed_chars) - {0}
-    # Name bytes; line ends and the byte that ended a name stay (see rewrite_block).
-    table = bytes(b if b in keep or b in b".\t\n ;" else _UNDERSCORE for b in range(256))
+    # Name bytes (other bytes become '_'); line ends stay.
+    table = bytes(b if b in keep or b in b".\n" else _UNDERSCORE for b in range(256))
     tags = b";" not in allowed_chars
-    safe = bytes(sorted((keep | set(b". \t\n")) - ({_SEMI} if tags else set())))
-    # The name ends at the first space or tab, or ';' with tags; keep that byte.
-    cut = re.compile(rb"([ \t;])[^\n]*" if tags else rb"([ \t])[^\n]*")
-    return table, safe, cut
+    classes = np.full(256, _OTHER, np.uint8)
+    classes[list(keep - ({_SEMI} if tags else set()))] = _WORD
+    classes[_DOT] = _DOT_CLASS
+    classes[list(b" \t\n")] = _SEPARATOR
+    # The name ends at the first space or tab, or ';' with tags.
+    cut = re.compile(rb"[ \t;][^\n]*" if tags else rb"[ \t][^\n]*")
+    return table, classes, cut
 
 
-# Where a name may need dots dropped: runs, and dots before the end of the name
-# or after a leading separator.
-_DOT_TRAPS = (b"..", b". ", b".\t", b".\n", b" .", b"\t.", b"\n.")
+def _unchanged(block: bytes, classes: np.ndarray) -> bool:
+    """True when no line of block needs a rewrite: only word bytes, blanks and
+    dots, and every dot between two word bytes (so no dot leads, trails or
+    repeats). Values are held to the same test: a false alarm costs time only."""
+    if not block:
+        return True
+    kind = classes[np.frombuffer(block, np.uint8)]
+    if (kind == _OTHER).any():
+        return False
+    dot = kind == _DOT_CLASS
+    not_word = kind != _WORD
+    return not (
+        dot[0] or dot[-1] or (dot[1:] & not_word[:-1]).any() or (dot[:-1] & not_word[1:]).any()
+    )
 
 
 def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
@@ -127,31 +146,28 @@ def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHA
     is returned as it is, values and all. Otherwise each line becomes its
     name alone, and lines without one (blank, only separators, a name-less
     ';tags' line, a line with a ';' after its first space, which the relay
-    routes by "name value...") are left out. A bare name is taken as if a value followed.
+    routes by "name value...") become empty lines, which locate skips. A bare
+    name is taken as if a value followed.
     The same rules as relay_line, done on the whole block at once.
     """
     allowed = _allowed(allowed_chars)
-    table, safe, cut = _tables(allowed)
-    if (
-        not block.translate(None, safe)
-        and not block.startswith(b".")
-        and not block.endswith(b".")
-        and not any(trap in block for trap in _DOT_TRAPS)
-    ):
+    table, classes, cut = _tables(allowed)
+    if _unchanged(block, classes):
         return block
     names = block.replace(b"\r", b"\n")
     names = re.sub(rb"(?m)^[ \t.]+", b"", names)  # leading separators
-    if b";" not in allowed:
+    if b";" not in allowed and b";" in names:
         # A ';' after the first space still ends the routed name there (the
         # relay's tag check runs on the whole line): "name value" is no name.
         names = re.sub(rb"(?m)^[^ \t;\n]*[ \t][^;\n]*;[^\n]*", b"", names)
-    names = cut.sub(rb"\1", names)  # name + the byte that ended it
-    names = names.translate(table)
     names = re.sub(rb"\.\.+", b".", names)
-    # The dot before the end of a name goes, unless a ';' (tags) ended it.
-    names = re.sub(rb"(?m)\.(?=[ \t]?$)", b"", names)
-    names = names.translate(None, b" \t;" if b";" not in allowed else b" \t")
-    return b"".join(name + b"\n" for name in names.split(b"\n") if name)
+    # The dot before the space that ends a name goes (before a ';' it stays);
+    # so does the one ending a bare name.
+    names = names.replace(b". ", b" ").replace(b".\t", b"\t").replace(b".\n", b"\n")
+    if names.endswith(b"."):
+        names = names[:-1]
+    names = cut.sub(b"", names).translate(table)
+    return names if names.endswith(b"\n") or not names else names + b"\n"
 
 
 def relay_key(line: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
