@@ -107,20 +107,22 @@ _WORD, _DOT_CLASS, _SEPARATOR, _OTHER = range(4)
 
 
 @lru_cache(maxsize=8)
-def _tables(allowed_chars: bytes) -> tuple[bytes, np.ndarray, re.Pattern[bytes]]:
+def _tables(allowed_chars: bytes) -> tuple[bytes, np.ndarray]:
     """(translation of name bytes, class of each byte for the unchanged-block
-    test, pattern cutting a line after its name) for one allowed-characters setting."""
+    test) for one allowed-characters setting."""
     keep = set(_ALNUM + allowed_chars) - {0}
-    # Name bytes (other bytes become '_'); line ends stay.
-    table = bytes(b if b in keep or b in b".\n" else _UNDERSCORE for b in range(256))
     tags = b";" not in allowed_chars
+    # Name bytes (other bytes become '_'); blanks and line ends stay, and with
+    # tags a ';' becomes a blank: it ends the name as the first space does.
+    table = bytes(
+        _SPACE if b == _SEMI and tags else b if b in keep or b in b". \t\n" else _UNDERSCORE
+        for b in range(256)
+    )
     classes = np.full(256, _OTHER, np.uint8)
     classes[list(keep - ({_SEMI} if tags else set()))] = _WORD
     classes[_DOT] = _DOT_CLASS
     classes[list(b" \t\n")] = _SEPARATOR
-    # The name ends at the first space or tab, or ';' with tags.
-    cut = re.compile(rb"[ \t;][^\n]*" if tags else rb"[ \t][^\n]*")
-    return table, classes, cut
+    return table, classes
 
 
 def _unchanged(block: bytes, classes: np.ndarray) -> bool:
@@ -140,33 +142,35 @@ def _unchanged(block: bytes, classes: np.ndarray) -> bool:
 
 
 def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
-    """A block of lines as the names the relay routes them by, one per line.
+    """A block of lines whose first fields are the names the relay routes them by.
 
     A block the rewrite leaves unchanged (the common case: a few byte scans)
-    is returned as it is, values and all. Otherwise each line becomes its
-    name alone, and lines without one (blank, only separators, a name-less
-    ';tags' line, a line with a ';' after its first space, which the relay
-    routes by "name value...") become empty lines, which locate skips. A bare
-    name is taken as if a value followed.
+    is returned as it is. Otherwise each line starts with its rewritten name
+    (what follows is mangled), and lines without one (blank, only separators,
+    a name-less ';tags' line, a line with a ';' after its first space, which
+    the relay routes by "name value...") become blank, which locate skips. A
+    bare name is taken as if a value followed.
     The same rules as relay_line, done on the whole block at once.
     """
     allowed = _allowed(allowed_chars)
-    table, classes, cut = _tables(allowed)
+    table, classes = _tables(allowed)
     if _unchanged(block, classes):
         return block
     names = block.replace(b"\r", b"\n")
     names = re.sub(rb"(?m)^[ \t.]+", b"", names)  # leading separators
     if b";" not in allowed and b";" in names:
-        # A ';' after the first space still ends the routed name there (the
-        # relay's tag check runs on the whole line): "name value" is no name.
-        names = re.sub(rb"(?m)^[^ \t;\n]*[ \t][^;\n]*;[^\n]*", b"", names)
+        # Tags without a name, and a ';' after the first space, which still
+        # ends the routed name there (the relay's tag check runs on the whole
+        # line): "name value" is no name.
+        names = re.sub(rb"(?m)^(?:;|[^ \t;\n]*[ \t][^;\n]*;)[^\n]*", b"", names)
     names = re.sub(rb"\.\.+", b".", names)
     # The dot before the space that ends a name goes (before a ';' it stays);
     # so does the one ending a bare name.
     names = names.replace(b". ", b" ").replace(b".\t", b"\t").replace(b".\n", b"\n")
     if names.endswith(b"."):
         names = names[:-1]
-    names = cut.sub(b"", names).translate(table)
+    # Other bytes become '_' and a tag ';' a blank: the name is the first field.
+    names = names.translate(table)
     return names if names.endswith(b"\n") or not names else names + b"\n"
 
 
