@@ -77,6 +77,21 @@ def test_fast_key_equals_the_dispatcher_port(allowed):
     assert checked == 50_000
 
 
+BLOCK_PIECES = [b"a", b"b", b".", b"..", b" ", b";", b"\t", b"x", b"\xc3\xa4", b"\r", b"%"]
+
+
+@pytest.mark.parametrize("allowed", [b"-_:#", b"-_:#;"])
+def test_a_block_gives_the_names_of_its_lines(allowed):
+    """rewrite_block on many lines at once (the locate path) against relay_key per line."""
+    rng = random.Random(allowed + b"block")
+    for _ in range(20):
+        lines = [b"".join(rng.choice(BLOCK_PIECES) for _ in range(12)) for _ in range(500)]
+        pieces = [piece for line in lines for piece in split_lines(line)]
+        expected = [key for key in (relay_key(piece, allowed) for piece in pieces) if key]
+        block = rewrite_block(b"\n".join(lines), allowed)
+        assert [line.split()[0] for line in block.splitlines() if line.split()] == expected
+
+
 def test_rewrite_block_leaves_clean_blocks_alone_and_rewrites_the_rest():
     clean = b"".join(b"servers.web%d.cpu 1.5 1700000000\n" % i for i in range(1000))
     assert rewrite_block(clean) is clean

@@ -125,20 +125,27 @@ def _tables(allowed_chars: bytes) -> tuple[bytes, np.ndarray]:
     return table, classes
 
 
-def _unchanged(block: bytes, classes: np.ndarray) -> bool:
-    """True when no line of block needs a rewrite: only word bytes, blanks and
-    dots, and every dot between two word bytes (so no dot leads, trails or
-    repeats). Values are held to the same test: a false alarm costs time only."""
+def _passes(block: bytes, classes: np.ndarray) -> tuple[bool, bool, bool] | None:
+    """None when no line of block needs a rewrite, else which dot passes it
+    needs: (a line starts with a separator, a run of dots, a dot before a
+    blank or at the end). Values are tested too: a false alarm costs time only."""
     if not block:
-        return True
-    kind = classes[np.frombuffer(block, np.uint8)]
-    if (kind == _OTHER).any():
-        return False
+        return None
+    codes = np.frombuffer(block, np.uint8)
+    kind = classes[codes]
     dot = kind == _DOT_CLASS
-    not_word = kind != _WORD
-    return not (
-        dot[0] or dot[-1] or (dot[1:] & not_word[:-1]).any() or (dot[:-1] & not_word[1:]).any()
-    )
+    blank = kind == _SEPARATOR
+    starts = np.empty(len(codes), bool)
+    starts[0] = True
+    starts[1:] = codes[:-1] == 10
+    lead = bool(((dot | (blank & (codes != 10))) & starts).any())
+    runs = bool((dot[1:] & dot[:-1]).any())
+    trailing = bool(dot[-1] or (dot[:-1] & blank[1:]).any())
+    if not (lead or runs or trailing or (kind == _OTHER).any()):
+        return None
+    if b"\r" in block:  # '\r' ends lines too: new line starts the test did not see
+        return True, True, True
+    return lead, runs, trailing
 
 
 def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHARS) -> bytes:
@@ -154,21 +161,26 @@ def rewrite_block(block: bytes, allowed_chars: bytes | str = DEFAULT_ALLOWED_CHA
     """
     allowed = _allowed(allowed_chars)
     table, classes = _tables(allowed)
-    if _unchanged(block, classes):
+    passes = _passes(block, classes)
+    if passes is None:
         return block
+    lead, runs, trailing = passes
     names = block.replace(b"\r", b"\n")
-    names = re.sub(rb"(?m)^[ \t.]+", b"", names)  # leading separators
+    if lead:
+        names = re.sub(rb"(?m)^[ \t.]+", b"", names)  # leading separators
     if b";" not in allowed and b";" in names:
         # Tags without a name, and a ';' after the first space, which still
         # ends the routed name there (the relay's tag check runs on the whole
         # line): "name value" is no name.
         names = re.sub(rb"(?m)^(?:;|[^ \t;\n]*[ \t][^;\n]*;)[^\n]*", b"", names)
-    names = re.sub(rb"\.\.+", b".", names)
-    # The dot before the space that ends a name goes (before a ';' it stays);
-    # so does the one ending a bare name.
-    names = names.replace(b". ", b" ").replace(b".\t", b"\t").replace(b".\n", b"\n")
-    if names.endswith(b"."):
-        names = names[:-1]
+    if runs:
+        names = re.sub(rb"\.\.+", b".", names)
+    if trailing or runs:
+        # The dot before the space that ends a name goes (before a ';' it
+        # stays); so does the one ending a bare name.
+        names = names.replace(b". ", b" ").replace(b".\t", b"\t").replace(b".\n", b"\n")
+        if names.endswith(b"."):
+            names = names[:-1]
     # Other bytes become '_' and a tag ';' a blank: the name is the first field.
     names = names.translate(table)
     return names if names.endswith(b"\n") or not names else names + b"\n"
