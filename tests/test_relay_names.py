@@ -242,3 +242,27 @@ def test_locate_takes_any_bytes_in_relay_mode():
     )
     assert result.returncode == 0, result.stderr
     assert [row.split(b"\t")[0] for row in result.stdout.splitlines()] == [b"ok", b"__.bad"]
+
+
+def test_allowed_chars_is_the_relays_c_option():
+    def first_fields(*flags: str) -> list[bytes]:
+        result = subprocess.run(
+            [BIN / "carbonscale", "ring", "locate", "--hash", "carbon_ch", *flags, "a", "b"],
+            input=b"a%b:c 1 2\n",
+            capture_output=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return [row.split(b"\t")[0] for row in result.stdout.splitlines()]
+
+    assert first_fields() == [b"a_b:c"]
+    assert first_fields("--allowed-chars", "%") == [b"a%b_c"]
+    assert first_fields("--compat", "carbon") == [b"a%b:c"]
+    bad = subprocess.run(
+        [BIN / "carbonscale", "ring", "locate", "--hash", "carbon_ch", "--allowed-chars", " ", "a"],
+        input=b"x\n",
+        capture_output=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(b"carbonscale: error:") and b"Traceback" not in bad.stderr
