@@ -23,6 +23,7 @@ from ansible.errors import AnsibleFilterError
 try:
     from carbonscale import CarbonscaleError
     from carbonscale.inventory import bracket, host_address
+    from carbonscale.relay_names import DEFAULT_ALLOWED_CHARS, relay_key
     from carbonscale.ring import Member, Ring, parse_member, ring_errors
     from carbonscale.ring.build import shadowed_warning
 
@@ -100,12 +101,21 @@ def carbon_ring_owners(
     hash: str = "carbon_ch",  # the keyword operators know from relay configs
     replication: int = 1,
     compat: str = "carbon-c-relay",
+    allowed_chars: str | None = None,
 ) -> list[str]:
-    """host:port of the owners of a metric, primary first."""
+    """host:port of the owners of a metric, primary first.
+
+    carbon-c-relay rewrites the name before hashing it (carbonscale.relay_names;
+    allowed_chars is its -c, default "-_:#"); carbon's relay hashes it as given.
+    """
     _require_carbonscale()
     try:
         ring = _ring(tuple(members), hash, int(replication), compat)
-        return [member.address for member in ring.locate(str(metric))]
+        name = str(metric).encode("utf-8", "surrogateescape")
+        if compat == "carbon-c-relay":
+            allowed = DEFAULT_ALLOWED_CHARS if allowed_chars is None else allowed_chars
+            name = relay_key(name, allowed)
+        return [member.address for member in ring.locate(name)]
     except CarbonscaleError as exc:
         raise AnsibleFilterError(f"carbon_ring_owners: {exc}") from exc
 

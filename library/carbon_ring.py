@@ -69,6 +69,14 @@ options:
   names_file:
     description: File of metric names, one per line (the first field of each line).
     type: path
+  allowed_chars:
+    description:
+      - carbon-c-relay's C(-c) option. With I(compat=carbon-c-relay) names are
+        rewritten as that relay does before it hashes them (other bytes become
+        C(_), repeated and trailing dots go, tags after C(;) are not part of the
+        name) and reported as rewritten.
+    type: str
+    default: "-_:#"
   dest:
     description: Write the answer to this TSV file (atomically).
     type: path
@@ -163,13 +171,16 @@ DIFF_PREVIEW_LINES = 50
 
 
 def _names(module: AnsibleModule) -> list[bytes]:
-    if module.params["names"] is not None:
-        text = "\n".join(module.params["names"]) + "\n"
-        return names_in(text.encode("utf-8"))
-    path = module.params["names_file"]
+    # carbon-c-relay rewrites names before it hashes them; carbon does not.
+    params = module.params
+    allowed = params["allowed_chars"].encode() if params["compat"] == "carbon-c-relay" else None
+    if params["names"] is not None:
+        text = "\n".join(params["names"]) + "\n"
+        return names_in(text.encode("utf-8"), 1, allowed)
+    path = params["names_file"]
     try:
         with open(path, "rb") as handle:
-            return [name for block in read_names(handle) for name in block]
+            return [name for block in read_names(handle, allowed) for name in block]
     except OSError as exc:
         raise CarbonscaleError(f"cannot read names file {path}: {exc.strerror}") from exc
 
@@ -284,6 +295,7 @@ def main() -> None:
             "new_replication": {"type": "int"},
             "names": {"type": "list", "elements": "str"},
             "names_file": {"type": "path"},
+            "allowed_chars": {"type": "str", "default": "-_:#"},
             "dest": {"type": "path"},
             "max_results": {"type": "int", "default": 10000},
         },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,10 +23,12 @@ def relay_test_owners(config: Path, names: list[str]) -> dict[str, list[str]]:
         timeout=300,
     ).stdout.decode()
     placement = {}
-    for block in out.split("match\n")[1:]:
+    # Only the blocks that route to a hash cluster: a config may also print
+    # validate blocks and multi-expression match rules.
+    for block in re.split(r"(?m)^match\n", out)[1:]:
         lines = block.strip().splitlines()
-        metric = lines[0].split("-> ", 1)[1]
-        placement[metric] = [line.strip() for line in lines[2:-1]]
+        if len(lines) > 2 and "-> " in lines[0] and "_ch(" in lines[1]:
+            placement[lines[0].split("-> ", 1)[1]] = [line.strip() for line in lines[2:-1]]
     return placement
 
 

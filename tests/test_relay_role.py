@@ -8,6 +8,7 @@ name the same member for every metric. The role itself runs on containers in
 molecule/relay.
 """
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ import pytest
 import yaml
 from ansible_runner import BIN, ROOT, role_vars_task, run_playbook
 from relay_oracle import RELAY, needs_relay, relay_test_owners
+from relay_sinks import Sinks, free_port, running_relay, send, wait_for
+
+from carbonscale.relay_names import relay_key, relay_line
 
 PLAY = """
 - hosts: localhost
@@ -30,6 +34,11 @@ PLAY = """
       ansible.builtin.template:
         src: %(root)s/roles/carbon_relay/templates/carbon-c-relay.conf.j2
         dest: "{{ out }}"
+        mode: "0644"
+    - name: The role's runtime options
+      ansible.builtin.template:
+        src: %(root)s/roles/carbon_relay/templates/default.j2
+        dest: "{{ out }}.default"
         mode: "0644"
 """
 
@@ -128,7 +137,11 @@ def test_rendered_config_is_accepted_and_locate_agrees_with_the_relay(
     ]
     assert f"{hash_type} replication {replication}\n" in text
     assert [line.strip() for line in text.splitlines() if "=" in line and ":" in line] == members
-    relay = relay_test_owners(config, NAMES)
+    # -t routes names as given; the live relay (and locate) the rewritten ones.
+    # Whole lines: the role's config drops lines without a valid value and timestamp.
+    relay = relay_test_owners(
+        config, [relay_key(name.encode()).decode() + " 1 1700000000" for name in NAMES]
+    )
     assert len(relay) == len(NAMES)
     assert locate(config, "storage") == relay
 
@@ -144,7 +157,7 @@ def test_two_clusters_for_dual_writes(tmp_path):
     # The relay accepts it, and every metric is sent to one member of each.
     proc = subprocess.run(
         [RELAY, "-t", "-f", str(config)],
-        input="a.b.c\n",
+        input="a.b.c 1 1700000000\n",
         capture_output=True,
         text=True,
         check=True,
@@ -184,3 +197,113 @@ def test_clusters_the_relay_cannot_run_are_refused(tmp_path, kwargs, message):
     assert rc != 0
     assert message in out
     assert not config.exists()
+
+
+# --------------------------------------------------------------------------
+# Lines carbon-cache cannot store: dropped by the live relay, and counted
+
+GOOD_VALUES = [b"1", b"-1.5", b"+3", b".5", b"7.", b"1e-7", b"1.5e+21", b"9.99e299", b"2E99"]
+GOOD_VALUES += [b"1" + b"0" * 199, b"0.000001", b"-0", b"1e-400", b"-9.5e299"]
+GOOD_TIMESTAMPS = [b"1700000000", b"1700000000.25", b"-1", b"1000000000", b"9999999999"]
+BAD_VALUES = [b"inf", b"-inf", b"+inf", b"Infinity", b"nan", b"NaN", b"1e400", b"1e300"]
+BAD_VALUES += [b"1" + b"0" * 200, b"12e299", b"1e+300", b"0x10", b"1_000", b"1,5", b"abc", b"\xff"]
+BAD_TIMESTAMPS = [b"1e20", b"-5", b"0", b"999999999", b"10000000000", b"1.7e9", b"now", b"-1.5"]
+
+
+def good_and_bad_lines() -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """(lines carbon-cache stores, lines it cannot, lines the relay discards itself)."""
+    good = [b"ok.value.%d %s 1700000000" % (i, v) for i, v in enumerate(GOOD_VALUES)]
+    good += [b"ok.ts.%d 1 %s" % (i, t) for i, t in enumerate(GOOD_TIMESTAMPS)]
+    good += [
+        b"ok.tagged;dc=eu;role=web 1 1700000000",
+        "ok.rewritten.äöü.(x)%y 1 1700000000".encode(),
+        b"ok." + b"d" * 255 + b"." + b"f" * 251 + b" 1 1700000000",  # longest components
+        b".".join([b"c" * 200] * 5) + b".x" * 10 + b" 1 1700000000",  # 1024 bytes
+    ]
+    bad = [b"bad.value.%d %s 1700000000" % (i, v) for i, v in enumerate(BAD_VALUES)]
+    bad += [b"bad.ts.%d 1 %s" % (i, t) for i, t in enumerate(BAD_TIMESTAMPS)]
+    bad += [
+        b"bad.no.timestamp 1",
+        b"bad.extra.field 1 1700000000 1",
+        b"bad." + b"d" * 256 + b".x 1 1700000000",  # a directory name over 255 bytes
+        b"bad." + b"f" * 252 + b" 1 1700000000",  # a file name over 255 with .wsp
+        b".".join([b"c" * 200] * 5) + b".x" * 10 + b"y 1 1700000000",  # 1025 bytes
+        b".".join([b"n" * 100] * 100) + b" 1 1700000000",  # a 10 KB name
+        b";dc=eu 1 1700000000",  # tags without a name
+        b"bad.semicolon 1;x=1 1700000000",  # routed by "bad.semicolon 1"
+    ]
+    discarded = [b"bad.no.value", b"", b"   "]
+    return good, bad, discarded
+
+
+@needs_relay
+def test_live_relay_drops_and_counts_what_carbon_cache_cannot_store(tmp_path):
+    good, bad, discarded = good_and_bad_lines()
+    sinks = Sinks(3)
+    try:
+        port = free_port()
+        members = [f"127.0.0.1:{p}={name}" for p, name in zip(sinks.ports, "abc", strict=True)]
+        config = tmp_path / "carbon-c-relay.conf"
+        rc, out, _ = render(
+            tmp_path,
+            carbon_relay_members=members,
+            carbon_relay_listen_address="127.0.0.1",
+            carbon_relay_port=port,
+            carbon_relay_statistics_interval=1,
+            carbon_relay_hostname="roletest",
+            carbon_relay_config_file=str(config),
+        )
+        assert rc == 0, out
+        # The relay runs with the options the role writes for it.
+        options = (tmp_path / "carbon-c-relay.conf.default").read_text()
+        args = shlex.split(options.split('DAEMON_ARGS="', 1)[1].split('"', 1)[0])
+        assert args[:2] == ["-f", str(config)]
+
+        counter = b"carbon.relays.roletest.metricsBlackholed "
+        discards = b"carbon.relays.roletest.metricsDiscarded "
+
+        def last(prefix: bytes) -> int:
+            values = [
+                int(line.split()[1])
+                for p in sinks.ports
+                for line in sinks.lines(p)
+                if line.startswith(prefix)
+            ]
+            return values[-1] if values else -1
+
+        def arrived() -> int:
+            return sum(1 for p in sinks.ports for line in sinks.lines(p) if line.startswith(b"ok."))
+
+        with running_relay(args, port):
+            send(port, b"".join(line + b"\n" for line in good + bad + discarded))
+            wait_for(lambda: arrived() >= len(good) and last(counter) >= len(bad))
+            wait_for(lambda: last(discards) >= len(discarded), 5)
+            blackholed, discarded_count = last(counter), last(discards)
+        received = {
+            p: [ln for ln in sinks.lines(p) if not ln.startswith(b"carbon.")] for p in sinks.ports
+        }
+    finally:
+        sinks.close()
+
+    locate = subprocess.run(
+        [BIN / "carbonscale", "ring", "locate", "--relay-config", str(config)],
+        input=b"".join(line + b"\n" for line in good),
+        capture_output=True,
+        check=True,
+    )
+    owner = {
+        row.split(b"\t")[0]: row.split(b"\t")[1].decode() for row in locate.stdout.splitlines()
+    }
+    expected = {p: [] for p in received}
+    for line in good:
+        sent, end = relay_line(line)
+        expected[int(owner[sent[:end]].rsplit(":", 1)[1])].append(sent)
+    assert {p: sorted(lines) for p, lines in received.items()} == {
+        p: sorted(lines) for p, lines in expected.items()
+    }
+    assert blackholed == len(bad), f"metricsBlackholed {blackholed}, {len(bad)} bad lines sent"
+    assert discarded_count == len(discarded)
+    print(
+        f"{len(good)} good lines at their owners, {len(bad)} bad lines dropped, "
+        f"metricsBlackholed {blackholed}, metricsDiscarded {discarded_count}"
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from carbonscale import CarbonscaleError
+from carbonscale.relay_names import relay_key
 from carbonscale.ring import Ring, parse_member
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,11 @@ all:
 """
 
 NAMES = [f"servers.web{i}.cpu.{kind}" for i in range(40) for kind in ("user", "sys", "ünï")]
+
+
+def relay_name(name: str) -> str:
+    """The name carbon-c-relay routes and writes (its rewrite: 'ü' -> '__')."""
+    return relay_key(name.encode()).decode()
 
 
 def playbook(tmp_path: Path, tasks: str, *extra: str) -> subprocess.CompletedProcess:
@@ -93,6 +99,9 @@ def test_filters_build_members_from_inventory_and_owners_match_the_library(tmp_p
         owners: >-
           {{ 'servers.web1.cpu.user'
              | carbon_ring_owners(members, hash='jump_fnv1a_ch', replication=2) }}
+        rewritten: >-
+          {{ 'servers.web1.cpu.ünï'
+             | carbon_ring_owners(members, hash='jump_fnv1a_ch', replication=2) }}
 """,
     )
     assert run.returncode == 0, run.stdout + run.stderr
@@ -101,6 +110,9 @@ def test_filters_build_members_from_inventory_and_owners_match_the_library(tmp_p
     ring = Ring([parse_member(m) for m in EXPECTED_MEMBERS], "jump_fnv1a_ch", replication=2)
     assert results[1]["ansible_facts"]["owners"] == [
         m.address for m in ring.locate("servers.web1.cpu.user")
+    ]
+    assert results[1]["ansible_facts"]["rewritten"] == [
+        m.address for m in ring.locate(relay_name("servers.web1.cpu.ünï"))
     ]
 
 
@@ -143,8 +155,10 @@ def test_module_locate_writes_tsv_with_check_and_diff(tmp_path):
     applied = playbook(tmp_path, task)
     assert task_results(applied)[0]["changed"] is True
     ring = Ring([parse_member(m) for m in EXPECTED_MEMBERS], "carbon_ch", replication=2)
+    # Reported and hashed as carbon-c-relay rewrites them ('ü' -> '__').
     expected = "".join(
-        n + "\t" + "\t".join(m.address for m in ring.locate(n)) + "\n" for n in NAMES
+        n + "\t" + "\t".join(m.address for m in ring.locate(n)) + "\n"
+        for n in map(relay_name, NAMES)
     )
     assert dest.read_text() == expected
 
@@ -168,7 +182,7 @@ def test_module_diff_counts_moves_like_the_library(tmp_path):
     result = task_results(run)[0]
     old = Ring([parse_member(m) for m in EXPECTED_MEMBERS[:4]], "carbon_ch")
     new = Ring([parse_member(m) for m in EXPECTED_MEMBERS], "carbon_ch")
-    moving = [n for n in NAMES if old.locate(n) != new.locate(n)]
+    moving = [n for n in map(relay_name, NAMES) if old.locate(n) != new.locate(n)]
     assert result["moved_count"] == len(moving) > 0
     assert result["changed"] is False  # a question, not a change
 

@@ -4,11 +4,13 @@ and how evenly a ring spreads (balance)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
 
 from carbonscale import CarbonscaleError, ExitStatus
+from carbonscale.relay_names import DEFAULT_ALLOWED_CHARS
 from carbonscale.ring import COMPATS, HASH_TYPES, Ring, RingDiff, suggest_instances
 
 # The library side of these verbs; imported here too so that the names keep
@@ -48,6 +50,31 @@ def _add_ring_options(parser: argparse.ArgumentParser, with_config: bool = True)
             help="take hash, replication and members from a carbon-c-relay config",
         )
         parser.add_argument("--cluster", metavar="NAME", help="the cluster of the relay config")
+    parser.add_argument(
+        "--allowed-chars",
+        metavar="CHARS",
+        default=DEFAULT_ALLOWED_CHARS.decode(),
+        help="the relay's -c: characters kept in names next to [A-Za-z0-9] (default %(default)s)",
+    )
+    parser.add_argument(
+        "--raw-names",
+        action="store_true",
+        help="hash names as given, as `carbon-c-relay -t` does (the live relay rewrites them)",
+    )
+
+
+def name_rewrite(args: argparse.Namespace, ring: Ring) -> bytes | None:
+    """The allowed characters of the relay's name rewrite, or None to hash names as given.
+
+    carbon-c-relay rewrites every name before hashing it (carbonscale.relay_names);
+    carbon's Python relay does not.
+    """
+    if ring.compat != "carbon-c-relay" or args.raw_names:
+        return None
+    allowed = os.fsencode(args.allowed_chars)
+    if any(byte in b" \t\n\r\x0b\x0c.\0" for byte in allowed):
+        raise CarbonscaleError("--allowed-chars cannot hold whitespace, '.' or NUL")
+    return allowed
 
 
 def _ring_from(args: argparse.Namespace) -> Ring:
@@ -68,7 +95,8 @@ def _owner_text(ring: Ring, rows: np.ndarray, sep: str = "\t") -> list[str]:
 
 
 def run_locate(args: argparse.Namespace) -> int:
-    locator = Locator(_ring_from(args))
+    ring = _ring_from(args)
+    locator = Locator(ring, name_rewrite(args, ring))
     locate_stream(locator, sys.stdin.buffer, sys.stdout.buffer)
     sys.stdout.buffer.flush()
     return ExitStatus.OK
@@ -89,7 +117,7 @@ def run_diff(args: argparse.Namespace) -> int:
             print(f"carbonscale: warning: {side} ring: {warning}", file=sys.stderr)
     diff = RingDiff(old, new)
     out = sys.stdout.buffer
-    for names in read_names(sys.stdin.buffer):
+    for names in read_names(sys.stdin.buffer, name_rewrite(args, old)):
         changed, old_rows, new_rows = diff.add(names)
         if not args.summary and changed.size:
             out.write(
@@ -117,7 +145,7 @@ def run_diff(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
-def _sample(args: argparse.Namespace) -> list[bytes]:
+def _sample(args: argparse.Namespace, allowed_chars: bytes | None = None) -> list[bytes]:
     if args.names:
         source = sys.stdin.buffer if args.names == "-" else None
         try:
@@ -125,7 +153,7 @@ def _sample(args: argparse.Namespace) -> list[bytes]:
         except OSError as exc:
             raise CarbonscaleError(f"cannot read names file {args.names}: {exc.strerror}") from exc
         with handle:
-            return [name for block in read_names(handle) for name in block]
+            return [name for block in read_names(handle, allowed_chars) for name in block]
     return [f"carbonscale.sample.{i:07d}.value".encode() for i in range(args.sample)]
 
 
@@ -150,7 +178,7 @@ def _balance_table(ring: Ring, names: list[bytes]) -> tuple[list[str], np.ndarra
 
 def run_balance(args: argparse.Namespace) -> int:
     ring = _ring_from(args)
-    names = _sample(args)
+    names = _sample(args, name_rewrite(args, ring))
     lines, primary = _balance_table(ring, names)
     print("\n".join(lines))
     low = primary.min()

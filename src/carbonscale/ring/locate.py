@@ -16,6 +16,7 @@ from typing import BinaryIO
 import numpy as np
 
 from carbonscale import CarbonscaleError
+from carbonscale.relay_names import rewrite_block
 from carbonscale.ring import Ring, hashes
 
 BLOCK_BYTES = 1 << 20  # read and write in 1 MiB blocks (two threads format them)
@@ -51,12 +52,15 @@ def check_utf8(block: bytes, line_no: int = 1) -> None:
         raise CarbonscaleError(f"line {bad}: metric name is not valid UTF-8") from exc
 
 
-def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
-    """Metric names of a block of lines: the first whitespace-separated field.
+def names_in(block: bytes, line_no: int = 1, allowed_chars: bytes | None = None) -> list[bytes]:
+    """Metric names of a block of lines: the first whitespace-separated field,
+    rewritten as carbon-c-relay does with allowed_chars (None: as given).
 
     Invalid UTF-8 stops everything with the line number: a name the relay
     would route is a name we must be able to print and compare.
     """
+    if allowed_chars is not None:
+        block = rewrite_block(block, allowed_chars)
     check_utf8(block, line_no)
     lines = block.split(b"\n")
     if any(space in block for space in (b" ", b"\t", b"\r", b"\x0b", b"\x0c")):
@@ -66,9 +70,9 @@ def names_in(block: bytes, line_no: int = 1) -> list[bytes]:
     return [line for line in lines if line]
 
 
-def read_names(stream: BinaryIO) -> Iterator[list[bytes]]:
+def read_names(stream: BinaryIO, allowed_chars: bytes | None = None) -> Iterator[list[bytes]]:
     for block, line_no in read_blocks(stream):
-        names = names_in(block, line_no)
+        names = names_in(block, line_no, allowed_chars)
         if names:
             yield names
 
@@ -122,8 +126,9 @@ class Locator:
     owner rows when it is small, or builds the texts per batch.
     """
 
-    def __init__(self, ring: Ring) -> None:
+    def __init__(self, ring: Ring, allowed_chars: bytes | None = None) -> None:
         self.ring = ring
+        self.allowed_chars = allowed_chars  # the relay's name rewrite (None: names as given)
         self.code_table: list[bytes] | None = None
         # Arguments of _ringhash.locate_block, which does a whole block in C.
         self.block_args: tuple | None = None
@@ -153,9 +158,11 @@ class Locator:
 
     def format_block(self, block: bytes, line_no: int) -> bytes:
         if self.block_args is not None:
+            if self.allowed_chars is not None:
+                block = rewrite_block(block, self.allowed_chars)
             check_utf8(block, line_no)
             return hashes._ringhash.locate_block(block, *self.block_args)
-        names = names_in(block, line_no)
+        names = names_in(block, line_no, self.allowed_chars)
         return self.format(names) if names else b""
 
 
