@@ -11,16 +11,17 @@ Expansion, decommission, a changed instance list, replication 1 -> 2 and the
 leftovers of old failovers are all this one convergence.
 
 Everything here is vectorized over names: a 64-bit FNV-1a key per listed
-name joins the hosts' listings (np.unique over keys, not a dict of names;
-equal keys with different names, about one in a million at ten million names,
-are detected and resolved exactly), owners come from Ring.locate_batch, and
-host sets are bit masks (at most 64 storage hosts).
+name joins the hosts' listings (one sort of the keys, not a dict of names;
+two different names with one key, about one chance in a million at ten
+million names, are detected by a second hash and refused), owners come from
+Ring.locate_batch, and host sets are bit masks (at most 64 storage hosts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import numpy as np
 from carbonscale import CarbonscaleError
 from carbonscale.migrate._ringglue import join_lines
 from carbonscale.migrate.transport import DEFAULT_PORT, Listing
-from carbonscale.ring import Ring, fnv1a_64_batch
+from carbonscale.ring import Ring, fnv1a_32_batch, fnv1a_64_batch
 
 MAX_HOSTS = 64
 PLAN_MAGIC = "# carbonscale migrate plan 1"
@@ -59,16 +60,24 @@ def describe_ring(ring: Ring) -> dict:
     }
 
 
-def names_of_paths(paths: list[bytes]) -> tuple[list[bytes], np.ndarray]:
-    """Metric names of listed paths, and the indices of the paths kept: a path that is
-    not carbon's path of a name (a '.' outside the '.wsp' suffix) is left out."""
-    block = b"\n".join(paths) + b"\n" if paths else b""
-    if block.count(b".") == len(paths):  # the common case: every path is carbon's
-        names = block.replace(b".wsp\n", b"\n").replace(b"/", b".").split(b"\n")[:-1]
-        return names, np.arange(len(paths))
+def carbon_paths(listing: Listing) -> tuple[list[bytes], np.ndarray | None]:
+    """A listing's paths that are carbon's path of a metric name, and their indices
+    (None: all of them). A path with a '.' outside its '.wsp' suffix is left out:
+    carbon would never write a metric to it."""
+    block = listing.block
+    paths = block.split(b"\n")[:-1]
+    if block.count(b".") == listing.count == block.count(b".wsp\n"):  # the common case
+        return paths, None
     keep = [i for i, p in enumerate(paths) if p.count(b".") == 1 and p.endswith(b".wsp")]
-    names = [paths[i][:-4].replace(b"/", b".") for i in keep]
-    return names, np.asarray(keep, dtype=np.int64)
+    return [paths[i] for i in keep], np.asarray(keep, dtype=np.int64)
+
+
+def names_of(paths: list[bytes]) -> list[bytes]:
+    """Metric names of carbon paths (`a/b/c.wsp` -> `a.b.c`), a few C passes."""
+    if not paths:
+        return []
+    block = b"\n".join(paths) + b"\n"
+    return block.replace(b".wsp\n", b"\n").replace(b"/", b".").split(b"\n")[:-1]
 
 
 class Plan:
@@ -93,6 +102,7 @@ class Plan:
         self.holders = holders
         self.sizes = sizes
         self.summary = summary
+        self.combos: tuple[np.ndarray, np.ndarray] | None = None
 
     def host_set(self, mask: int) -> list[str]:
         return [h for i, h in enumerate(self.hosts) if mask >> i & 1]
@@ -102,117 +112,146 @@ def _bits(indices: np.ndarray) -> np.ndarray:
     return np.left_shift(np.uint64(1), indices.astype(np.uint64))
 
 
-def owner_masks(ring: Ring, names: list[bytes], host_index: dict[str, int]) -> np.ndarray:
-    """uint64 host mask of each name's owners (replicas on one host are one copy)."""
-    member_host = np.array([host_index[m.host] for m in ring.members], dtype=np.int64)
-    masks = np.zeros(len(names), dtype=np.uint64)
-    for start in range(0, len(names), LOCATE_CHUNK):
-        rows = ring.locate_batch(names[start : start + LOCATE_CHUNK])
-        chunk = np.zeros(len(rows), dtype=np.uint64)
-        for column in range(rows.shape[1]):
-            chunk |= _bits(member_host[rows[:, column]])
-        masks[start : start + len(rows)] = chunk
+def _masks(rows: np.ndarray, member_host: np.ndarray) -> np.ndarray:
+    """uint64 host mask of each owner row (replicas on one host are one copy)."""
+    masks = np.zeros(len(rows), dtype=np.uint64)
+    for column in range(rows.shape[1]):
+        masks |= _bits(member_host[rows[:, column]])
     return masks
 
 
-def _popcount(masks: np.ndarray) -> np.ndarray:
-    counts = np.zeros(masks.shape, dtype=np.int64)
-    rest = masks.copy()
-    while rest.any():
-        counts += (rest & np.uint64(1)).astype(np.int64)
-        rest >>= np.uint64(1)
-    return counts
+def _pick(items: list, indices: np.ndarray) -> list:
+    """items at indices, by itemgetter (a C loop, not a Python one)."""
+    if len(indices) == 0:
+        return []
+    if len(indices) == 1:
+        return [items[int(indices[0])]]
+    return list(operator.itemgetter(*indices.tolist())(items))
 
 
-def join_listings(
-    listings: dict[str, Listing], host_index: dict[str, int]
-) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
-    """(unique names, holder masks, largest size, paths left out) over all hosts."""
-    all_names: list[bytes] = []
-    keys, masks, sizes = [], [], []
-    skipped = 0
-    for host, listing in listings.items():
-        names, kept = names_of_paths(listing.paths)
-        skipped += len(listing.paths) - len(names)
-        all_names.extend(names)
-        keys.append(fnv1a_64_batch(names))
-        masks.append(np.full(len(names), np.uint64(1) << np.uint64(host_index[host])))
-        sizes.append(listing.sizes[kept])
-    if not all_names:
-        return [], np.zeros(0, np.uint64), np.zeros(0, np.int64), skipped
-    key = np.concatenate(keys)
-    mask = np.concatenate(masks)
-    size = np.concatenate(sizes)
-    del keys, masks, sizes
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    del key
-    group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(order))))
-    firsts = order[starts]
-    # Equal keys must be equal names: check every duplicate against its group's first.
-    dups = np.flatnonzero(np.diff(np.append(starts, len(order))) > 1)
-    if dups.size:
-        first_of = order[starts[group]]
-        later = np.flatnonzero(order != first_of)
-        a, b = order[later].tolist(), first_of[later].tolist()
-        if any(all_names[i] != all_names[j] for i, j in zip(a, b, strict=True)):
-            return _join_exactly(all_names, np.concatenate([mask]), size, skipped)
-    names = [all_names[i] for i in firsts.tolist()]
-    holders = np.bitwise_or.reduceat(mask[order], starts)
-    largest = np.maximum.reduceat(size[order], starts)
-    return names, holders, largest, skipped
+class _Owners:
+    """Owner rows of a ring for chunks of names. Two carbon_ch (or fnv1a_ch) rings
+    place a name by the same 16-bit position: it is hashed once for both (the
+    per-position owner table is what Ring.locate_batch indexes, as Locator does)."""
+
+    def __init__(self, new: Ring, old: Ring | None) -> None:
+        self.new, self.old = new, old
+        self.shared = (
+            old is not None
+            and new.hash_type == old.hash_type != "jump_fnv1a_ch"
+            and new.signed_char == old.signed_char
+        )
+
+    def rows(self, names: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.shared:
+            old_rows = self.old.locate_batch(names) if self.old is not None else None
+            return self.new.locate_batch(names), old_rows
+        positions = self.new.positions(names)
+        return (
+            self.new._owner_rows[self.new._start_of_position[positions]],
+            self.old._owner_rows[self.old._start_of_position[positions]],
+        )
 
 
-def _join_exactly(
-    all_names: list[bytes], mask: np.ndarray, size: np.ndarray, skipped: int
-) -> tuple[list[bytes], np.ndarray, np.ndarray, int]:
-    """The join by name itself: only when two different names share a 64-bit key."""
-    index: dict[bytes, int] = {}
-    for name in all_names:
-        index.setdefault(name, len(index))
-    group = np.fromiter((index[n] for n in all_names), dtype=np.int64, count=len(all_names))
-    holders = np.zeros(len(index), dtype=np.uint64)
-    np.bitwise_or.at(holders, group, mask)
-    largest = np.zeros(len(index), dtype=np.int64)
-    np.maximum.at(largest, group, size)
-    return list(index), holders, largest, skipped
+class _Join:
+    """Every host's listing joined by name, without a Python object per listed copy.
+
+    Pass one hashes each host's paths (64-bit FNV-1a, with a 32-bit FNV-1a as a
+    check) and groups equal keys with one sort: holder masks and sizes
+    per metric. Each metric is represented by its first copy in host order; pass two
+    splits each host's paths again and names only the metrics it represents."""
+
+    def __init__(self, listings: dict[str, Listing], host_index: dict[str, int]) -> None:
+        self.listings = listings
+        keys, checks, hosts, sizes = [], [], [], []
+        self.skipped = 0
+        for host, listing in listings.items():
+            paths, kept = carbon_paths(listing)
+            self.skipped += listing.count - len(paths)
+            keys.append(fnv1a_64_batch(paths))  # a path names its metric as well as the name
+            checks.append(fnv1a_32_batch(paths))
+            hosts.append(np.full(len(paths), host_index[host], dtype=np.int64))
+            sizes.append(listing.sizes if kept is None else listing.sizes[kept])
+            del paths
+        key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        del keys
+        host = np.concatenate(hosts) if hosts else np.zeros(0, np.int64)
+        local = np.concatenate([np.arange(len(h)) for h in hosts]) if hosts else host
+        order = np.argsort(key)  # any copy may represent its metric
+        sorted_key = key[order]
+        del key
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = sorted_key[1:] != sorted_key[:-1]
+        del sorted_key
+        starts = np.flatnonzero(first)
+        check = np.concatenate(checks)[order] if checks else np.zeros(0, np.uint32)
+        group = np.cumsum(first) - 1
+        self.collision = bool((check != check[starts][group]).any())
+        del check, group, first
+        self.holders = (
+            np.bitwise_or.reduceat(_bits(host[order]), starts) if len(starts) else _bits(host)
+        )
+        self.sizes = (
+            np.maximum.reduceat(np.concatenate(sizes)[order], starts)
+            if len(starts)
+            else np.zeros(0, np.int64)
+        )
+        representative = order[starts]
+        self.rep_host = host[representative]
+        self.rep_local = local[representative]
+
+    def __len__(self) -> int:
+        return len(self.rep_host)
+
+    def by_host(self, host_index: dict[str, int]) -> Iterator[tuple[np.ndarray, list[bytes]]]:
+        """(metric indices, their names) host by host: every metric once."""
+        for host, listing in self.listings.items():
+            metrics = np.flatnonzero(self.rep_host == host_index[host])
+            if not len(metrics):
+                continue
+            paths, _ = carbon_paths(listing)
+            picked = _pick(paths, self.rep_local[metrics])
+            del paths
+            yield metrics, names_of(picked)
 
 
-def jump_reshuffle(old: Ring, new: Ring, names: list[bytes]) -> dict | None:
-    """Numbers of a jump_fnv1a_ch member removal that is not the last bucket, else None.
+class _Reshuffle:
+    """Counts of a jump_fnv1a_ch member removal that is not the last bucket.
 
     Jump hash moves only the removed buckets' names when the removed members are the
     last ones in bucket order; removing any other remaps about half of everything,
     including moves between members that stay."""
-    if old.hash_type != "jump_fnv1a_ch" or new.hash_type != "jump_fnv1a_ch":
-        return None
-    new_set = set(new.members)
-    order = [old.members[i] for i in old.bucket_order.tolist()]
-    removed = [m for m in order if m not in new_set]
-    if not removed:
-        return None
-    survivors = [m for m in order if m in new_set]
-    if order[: len(survivors)] == survivors:
-        return None  # only the last buckets go: their names move, nothing else
-    moved = between = 0
-    old_index = {m: i for i, m in enumerate(old.members)}
-    new_to_old = np.array([old_index.get(m, -1) for m in new.members], dtype=np.int64)
-    removed_index = {old_index[m] for m in removed}
-    removed_arr = np.array(sorted(removed_index), dtype=np.int64)
-    for start in range(0, len(names), LOCATE_CHUNK):
-        chunk = names[start : start + LOCATE_CHUNK]
-        before = old.locate_batch(chunk)[:, 0]
-        after = new_to_old[new.locate_batch(chunk)[:, 0]]
-        change = before != after
-        moved += int(change.sum())
-        between += int((change & ~np.isin(before, removed_arr)).sum())
-    return {
-        "removed": [str(m) for m in removed],
-        "names": len(names),
-        "moved": moved,
-        "between_survivors": between,
-    }
+
+    def __init__(self, old: Ring, new: Ring) -> None:
+        self.active = False
+        if old.hash_type != "jump_fnv1a_ch" or new.hash_type != "jump_fnv1a_ch":
+            return
+        new_set = set(new.members)
+        order = [old.members[i] for i in old.bucket_order.tolist()]
+        self.removed = [m for m in order if m not in new_set]
+        survivors = [m for m in order if m in new_set]
+        if not self.removed or order[: len(survivors)] == survivors:
+            return
+        self.active = True
+        old_index = {m: i for i, m in enumerate(old.members)}
+        self.new_to_old = np.array([old_index.get(m, -1) for m in new.members], dtype=np.int64)
+        self.removed_index = np.array(sorted(old_index[m] for m in self.removed), np.int64)
+        self.names = self.moved = self.between = 0
+
+    def add(self, old_rows: np.ndarray, new_rows: np.ndarray) -> None:
+        before = old_rows[:, 0]
+        change = before != self.new_to_old[new_rows[:, 0]]
+        self.names += len(before)
+        self.moved += int(change.sum())
+        self.between += int((change & ~np.isin(before, self.removed_index)).sum())
+
+    def numbers(self) -> dict:
+        return {
+            "removed": [str(m) for m in self.removed],
+            "names": self.names,
+            "moved": self.moved,
+            "between_survivors": self.between,
+        }
 
 
 def compute_plan(
@@ -237,45 +276,66 @@ def compute_plan(
     for ring in (new, old):
         for host in ring_hosts(ring) if ring else []:
             if host not in listings:
-                raise CarbonscaleError(
-                    f"no listing of ring host {host}: its copies would be missed"
-                )
-    names, holders, sizes, skipped = join_listings(listings, host_index)
-    owners = owner_masks(new, names, host_index)
+                raise CarbonscaleError(f"no listing of ring host {host}: its copies are unknown")
+    joined = _Join(listings, host_index)
+    if joined.collision:
+        raise CarbonscaleError(
+            "two different metric names share a 64-bit name key (about one chance in a "
+            "million at ten million names): plan the hosts in two parts"
+        )
+    count = len(joined)
+    owners = np.zeros(count, dtype=np.uint64)
+    changed = np.zeros(count, dtype=bool)
+    new_host = np.array([host_index[m.host] for m in new.members], dtype=np.int64)
+    old_host = np.array([host_index[m.host] for m in old.members], np.int64) if old else None
+    reshuffle = _Reshuffle(old, new) if old else None
+    locator = _Owners(new, old)
+    work_names: list[bytes] = []
+    work_metrics = []
+    holders = joined.holders
+    for metrics, names in joined.by_host(host_index):
+        for start in range(0, len(names), LOCATE_CHUNK):
+            chunk = names[start : start + LOCATE_CHUNK]
+            rows = metrics[start : start + LOCATE_CHUNK]
+            new_rows, old_rows = locator.rows(chunk)
+            mask = _masks(new_rows, new_host)
+            owners[rows] = mask
+            held = holders[rows]
+            work = held != mask
+            if old is not None:
+                moved = _masks(old_rows, old_host) != mask
+                changed[rows] = moved
+                # A new owner that already holds a file (carbon created it at the
+                # switch) still lacks the history: owners that changed always pull.
+                single = (mask & (mask - np.uint64(1))) == 0
+                pulls = (held != 0) & ~((mask == held) & single)
+                work |= moved & pulls
+                if reshuffle.active:
+                    reshuffle.add(old_rows, new_rows)
+            picked = np.flatnonzero(work)
+            work_names.extend(_pick(chunk, picked))
+            work_metrics.append(rows[picked])
     summary: dict = {
-        "metrics": len(names),
+        "metrics": count,
         "copies": int(sum(len(listing) for listing in listings.values())),
-        "not_carbon_paths": skipped,
+        "not_carbon_paths": joined.skipped,
         "new_ring": describe_ring(new),
         "old_ring": describe_ring(old) if old else None,
     }
+    if reshuffle is not None and reshuffle.active:
+        summary["jump_reshuffle"] = reshuffle.numbers()
+        if not allow_jump_reshuffle:
+            raise CarbonscaleError(
+                jump_message(summary["jump_reshuffle"]) + "; pass --allow-jump-reshuffle"
+            )
     if old is not None:
-        reshuffle = jump_reshuffle(old, new, names)
-        if reshuffle:
-            summary["jump_reshuffle"] = reshuffle
-            if not allow_jump_reshuffle:
-                raise CarbonscaleError(jump_message(reshuffle) + "; pass --allow-jump-reshuffle")
-        old_owners = owner_masks(old, names, host_index)
-        changed = old_owners != owners
         summary["owner_change"] = int(changed.sum())
-        # A new owner that already holds a file (carbon created it at the switch)
-        # still lacks the history: owners that changed always pull.
-        single = (owners & (owners - np.uint64(1))) == 0
-        pulls = (holders != 0) & ~((owners == holders) & single)
-        work = np.flatnonzero((holders != owners) | (changed & pulls))
-    else:
-        work = np.flatnonzero(holders != owners)
+    work = np.concatenate(work_metrics) if work_metrics else np.zeros(0, np.int64)
     plan = Plan(
-        hosts,
-        endpoints,
-        [names[i] for i in work.tolist()],
-        owners[work],
-        holders[work],
-        sizes[work],
-        summary,
+        hosts, endpoints, work_names, owners[work], holders[work], joined.sizes[work], summary
     )
     summary.update(_pair_summary(plan, listings))
-    summary["moved_fraction"] = round(len(work) / len(names), 6) if names else 0.0
+    summary["moved_fraction"] = round(len(work) / count, 6) if count else 0.0
     short = {h: v for h, v in summary["free"].items() if v["needed"] > v["free"]}
     if short:
         raise CarbonscaleError(
@@ -298,12 +358,21 @@ def jump_message(numbers: dict) -> str:
 
 
 def _combos(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct (owners, holders, size) rows of the plan and each metric's row."""
-    table = np.stack([plan.owners, plan.holders, plan.sizes.astype(np.uint64)], axis=1)
-    if not len(table):
-        return table, np.zeros(0, np.int64)
-    combos, inverse = np.unique(table, axis=0, return_inverse=True)
-    return combos, inverse.reshape(-1)
+    """Distinct (owners, holders, size) rows of the plan and each metric's row
+    (computed once: the summary and the plan file both use them)."""
+    if plan.combos is None:
+        table = np.stack([plan.owners, plan.holders, plan.sizes.astype(np.uint64)], axis=1)
+        if not len(table):
+            plan.combos = (table, np.zeros(0, np.int64))
+            return plan.combos
+        order = np.lexsort((table[:, 2], table[:, 1], table[:, 0]))
+        ordered = table[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+        inverse = np.empty(len(order), dtype=np.int64)
+        inverse[order] = np.cumsum(first) - 1
+        plan.combos = (ordered[first], inverse)
+    return plan.combos
 
 
 def _pair_summary(plan: Plan, listings: dict[str, Listing]) -> dict:

@@ -11,7 +11,8 @@ Read-only, and only three requests:
   paths, sizes, mtimes, and the free bytes of the filesystem.
 * ``POST /files`` with newline-separated relative paths: one stream of
   ``F <size> <path>\\n<bytes>`` or ``E <path>\\t<reason>\\n`` records, then
-  ``END\\n``. Each file is read under flock(LOCK_SH), the lock carbon's
+  ``END\\n``; the connection closes after it. Each file is sent (sendfile,
+  from the page cache) under flock(LOCK_SH), the lock carbon's
   WHISPER_LOCK_WRITES writer takes exclusively, so it is a consistent
   snapshot, never a file caught mid-write.
 * ``GET /status``: the journal's counts on this host (JSON).
@@ -51,7 +52,6 @@ MAX_BODY = 64 << 20  # a batch request of paths is far smaller
 LISTING_MAGIC = b"CSLIST1"
 HEADER_TIME = "X-Carbonscale-Time"
 HEADER_SIGNATURE = "X-Carbonscale-Signature"
-READ_BLOCK = 1 << 20
 
 
 # ----- secrets and signatures ------------------------------------------------
@@ -160,16 +160,22 @@ def encode_listing(entries: Iterable[tuple[str, int, int]], free_bytes: int) -> 
 
 
 class Listing:
-    """One host's whisper tree: `paths` (bytes, newline-free), `sizes`, `mtimes`
-    (int64 arrays), `free` bytes on its filesystem."""
+    """One host's whisper tree: `block` (the paths, one a line, each ending in a
+    newline), `sizes`, `mtimes` (int64 arrays), `free` bytes on its filesystem.
+    The paths stay one bytes object: ten million path objects would cost gigabytes."""
 
     def __init__(
-        self, paths: list[bytes], sizes: np.ndarray, mtimes: np.ndarray, free: int
+        self, block: bytes, count: int, sizes: np.ndarray, mtimes: np.ndarray, free: int
     ) -> None:
-        self.paths, self.sizes, self.mtimes, self.free = paths, sizes, mtimes, free
+        self.block, self.count = block, count
+        self.sizes, self.mtimes, self.free = sizes, mtimes, free
+
+    @property
+    def paths(self) -> list[bytes]:
+        return self.block.split(b"\n")[:-1]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.count
 
 
 def decode_listing(data: bytes, source: str = "listing") -> Listing:
@@ -184,12 +190,11 @@ def decode_listing(data: bytes, source: str = "listing") -> Listing:
     if len(rest) != length + 16 * count:
         raise CarbonscaleError(f"{source}: truncated listing")
     block = rest[:length]
-    paths = block.split(b"\n")[:-1] if count else []
-    if len(paths) != count:
-        raise CarbonscaleError(f"{source}: listing has {len(paths)} paths, header says {count}")
+    if block.count(b"\n") != count or (block and not block.endswith(b"\n")):
+        raise CarbonscaleError(f"{source}: the paths do not match the header's count {count}")
     sizes = np.frombuffer(rest, "<i8", count, length).astype(np.int64)
     mtimes = np.frombuffer(rest, "<i8", count, length + 8 * count).astype(np.int64)
-    return Listing(paths, sizes, mtimes, free)
+    return Listing(block, count, sizes, mtimes, free)
 
 
 def free_bytes(root: str) -> int:
@@ -222,15 +227,6 @@ def read_all(fd: int) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def read_snapshot(fd: int) -> bytes:
-    """The whole file under flock(LOCK_SH): no carbon write lands while it is read."""
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    try:
-        return read_all(fd)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # ----- the server ---------------------------------------------------------------
@@ -337,62 +333,41 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
         if not self._authenticated(body):
             return
         paths = body.decode("utf-8", "surrogateescape").split("\n")
+        # The body ends where the connection does: no chunk framing to parse, and
+        # each file goes from the page cache to the socket with sendfile.
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
         self.end_headers()
-        out = _Chunked(self.wfile)
+        self.close_connection = True
+        out = self.connection
         for relative in paths:
             if relative:
                 self._stream_file(out, relative)
-        out.write(b"END\n")
-        out.close()
+        out.sendall(b"END\n")
 
-    def _stream_file(self, out: _Chunked, relative: str) -> None:
+    def _stream_file(self, out: socket.socket, relative: str) -> None:
         name = relative.encode("utf-8", "surrogateescape")
         try:
             fd = open_in_root(self.server.root, relative)
         except OSError as exc:
             reason = "no such file" if exc.errno == errno.ENOENT else exc.strerror
-            out.write(b"E %s\t%s\n" % (name, str(reason).encode()))
+            out.sendall(b"E %s\t%s\n" % (name, str(reason).encode()))
             return
         try:
-            data = read_snapshot(fd)
-        except OSError as exc:
-            out.write(b"E %s\t%s\n" % (name, str(exc.strerror).encode()))
-            return
+            # LOCK_SH for the whole send: carbon's locked writes wait, so the
+            # bytes sent are one consistent snapshot of the file.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            size = os.fstat(fd).st_size
+            out.sendall(b"F %d %s\n" % (size, name))
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(out.fileno(), fd, offset, size - offset)
+                if sent == 0:  # the file shrank under us: the stream cannot continue
+                    raise ConnectionAbortedError(f"{relative} shrank while being sent")
+                offset += sent
         finally:
-            os.close(fd)
-        out.write(b"F %d %s\n" % (len(data), name))
-        out.write(data)
-
-
-class _Chunked:
-    """HTTP/1.1 chunked encoding, buffered into chunks of about READ_BLOCK."""
-
-    def __init__(self, wfile) -> None:
-        self.wfile = wfile
-        self.parts: list[bytes] = []
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.size += len(data)
-        if self.size >= READ_BLOCK:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.size:
-            self.wfile.write(b"%x\r\n" % self.size)
-            for part in self.parts:
-                self.wfile.write(part)
-            self.wfile.write(b"\r\n")
-            self.parts, self.size = [], 0
-
-    def close(self) -> None:
-        self.flush()
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+            os.close(fd)  # releases the lock
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -491,7 +466,6 @@ class Client:
                     raise http.client.IncompleteRead(line)
             if response.readline(16) != b"END\n":
                 raise http.client.IncompleteRead(b"")
-            response.read()  # the closing chunk: the server sees a clean end
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise SourceUnreachable(
                 f"host {self.host} ({self.endpoint}) broke off a transfer: "
