@@ -60,18 +60,17 @@ def target_ring(args: argparse.Namespace) -> Ring:
     if new is None:
         return live
     if live is not None:
-        for what in ("hash_type", "replication"):
-            if getattr(new, what) != getattr(live, what):
-                raise CarbonscaleError(
-                    f"the new ring's {what.replace('_type', '')} is {getattr(new, what)} but the "
-                    f"live relay config {args.relay_config} says {getattr(live, what)}"
-                )
+        from carbonscale.migrate.plan import check_live
+
+        check_live(new, live, args.relay_config)
     return new
 
 
 def _secret(args: argparse.Namespace) -> bytes:
     from carbonscale.migrate.transport import read_secret
 
+    if not args.secret_file:
+        raise CarbonscaleError("--secret-file is needed to talk to the hosts' services")
     return read_secret(args.secret_file)
 
 
@@ -90,6 +89,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from carbonscale.migrate.transport import make_server, parse_allowlist
 
     allow = parse_allowlist(args.allow)
+    if args.check_config:
+        from carbonscale.migrate.transport import parse_listen
+
+        parse_listen(args.listen)
+        _secret(args)
+        if not os.path.isdir(args.root):
+            raise CarbonscaleError(f"whisper root {args.root} is not a directory")
+        return 0
     status = None
     if args.state_dir:
         journal = Journal(args.state_dir, "")
@@ -131,35 +138,28 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from carbonscale.migrate.plan import (
+        collect_listings,
         compute_plan,
         jump_message,
         parse_hosts,
         ring_hosts,
         write_plan,
     )
-    from carbonscale.migrate.transport import Client, decode_listing
 
     new = target_ring(args)
     old = _ring(args, "old")
     endpoints = {h: f"{h}:{args.port}" for ring in (new, old) if ring for h in ring_hosts(ring)}
     endpoints.update(parse_hosts(args.host, args.port))
-    listings = {}
+    files = {}
     for entry in args.listing:
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
             raise CarbonscaleError(f"--listing {entry!r}: expected HOST=FILE")
         if name not in endpoints:
             raise CarbonscaleError(f"unknown host {name}: not a ring member host nor a --host")
-        try:
-            with open(path, "rb") as handle:
-                listings[name] = decode_listing(handle.read(), path)
-        except OSError as exc:
-            raise CarbonscaleError(f"cannot read listing {path}: {exc.strerror}") from exc
-    missing = [h for h in endpoints if h not in listings]
-    if missing:
-        secret = _secret(args)
-        for host in missing:
-            listings[host] = Client(host, endpoints[host], secret).listing()
+        files[name] = path
+    needs_secret = any(h not in files for h in endpoints)
+    listings = collect_listings(endpoints, files, _secret(args) if needs_secret else None)
     plan = compute_plan(new, listings, endpoints, old, args.allow_jump_reshuffle)
     plan_id = write_plan(plan, args.output)
     summary = plan.summary
@@ -303,7 +303,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    serve = verbs.add_parser("serve", help="serve this host's whisper tree to its peers")
+    serve = verbs.add_parser(
+        "serve",
+        help="serve this host's whisper tree to its peers",
+        description=(
+            "The read-only file service a sync pulls from. Arguments may also come from a "
+            "file: @FILE, one per line."
+        ),
+        fromfile_prefix_chars="@",
+    )
     serve.add_argument("--root", required=True, metavar="DIR", help="the whisper root")
     serve.add_argument(
         "--listen",
@@ -315,6 +323,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow", action="append", default=[], metavar="CIDR", help="addresses allowed (repeat)"
     )
     serve.add_argument("--state-dir", metavar="DIR", help="answer /status from this journal")
+    serve.add_argument(
+        "--check-config", action="store_true", help="check the arguments and exit (no listen)"
+    )
     serve.set_defaults(func=run_serve)
 
     listing = verbs.add_parser("list", help="save a whisper tree's listing (for plan --listing)")

@@ -32,6 +32,7 @@ from carbonscale import CarbonscaleError
 from carbonscale.migrate.journal import DONE, FAILED, PENDING, Journal
 from carbonscale.migrate.plan import PlanFile, metric_path
 from carbonscale.migrate.transport import (
+    QUARANTINE,
     Client,
     SourceUnreachable,
     free_bytes,
@@ -49,7 +50,6 @@ from carbonscale.whisper import (
 )
 
 STAGING = ".staging"
-QUARANTINE = ".quarantine"
 DEFAULT_BATCH = 200
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from carbonscale import CarbonscaleError
 from carbonscale.migrate._ringglue import join_lines
-from carbonscale.migrate.transport import DEFAULT_PORT, Listing
+from carbonscale.migrate.transport import DEFAULT_PORT, Client, Listing, decode_listing
 from carbonscale.ring import Ring, fnv1a_32_batch, fnv1a_64_batch
 
 MAX_HOSTS = 64
@@ -494,6 +494,42 @@ class PlanFile:
                     holders.decode().split(",") if holders else [],
                     int(size),
                 )
+
+
+def read_listing(path: str) -> Listing:
+    try:
+        with open(path, "rb") as handle:
+            return decode_listing(handle.read(), path)
+    except OSError as exc:
+        raise CarbonscaleError(f"cannot read listing {path}: {exc.strerror}") from exc
+
+
+def collect_listings(
+    endpoints: dict[str, str], files: dict[str, str], secret: bytes | None
+) -> dict[str, Listing]:
+    """Every host's listing: from a saved file when given ({host: path}), else asked
+    of the host's service."""
+    listings = {}
+    for host, path in files.items():
+        if host not in endpoints:
+            raise CarbonscaleError(f"unknown host {host}: not a ring member host nor a --host")
+        listings[host] = read_listing(path)
+    for host, endpoint in endpoints.items():
+        if host not in listings:
+            if secret is None:
+                raise CarbonscaleError(f"no listing of {host}: give its file or the secret")
+            listings[host] = Client(host, endpoint, secret).listing()
+    return listings
+
+
+def check_live(new: Ring, live: Ring, source: str) -> None:
+    """The new ring must place like the relays will: same hash and replication."""
+    for what in ("hash_type", "replication"):
+        if getattr(new, what) != getattr(live, what):
+            raise CarbonscaleError(
+                f"the new ring's {what.replace('_type', '')} is {getattr(new, what)} but the "
+                f"live relay config {source} says {getattr(live, what)}"
+            )
 
 
 def parse_hosts(entries: list[str], port: int = DEFAULT_PORT) -> dict[str, str]:

@@ -15,6 +15,7 @@ Read-only, and only three requests:
   from the page cache) under flock(LOCK_SH), the lock carbon's
   WHISPER_LOCK_WRITES writer takes exclusively, so it is a consistent
   snapshot, never a file caught mid-write.
+  A file that cleanup moved to `.quarantine/<plan>/` is served from there.
 * ``GET /status``: the journal's counts on this host (JSON).
 
 Refused before anything is read: a client address outside the allowlist.
@@ -51,6 +52,7 @@ MAX_SKEW = 300  # seconds a signed request stays valid
 MAX_BODY = 64 << 20  # a batch request of paths is far smaller
 LISTING_MAGIC = b"CSLIST1"
 HEADER_TIME = "X-Carbonscale-Time"
+QUARANTINE = ".quarantine"  # where cleanup moves copies (engine.QUARANTINE)
 HEADER_SIGNATURE = "X-Carbonscale-Signature"
 
 
@@ -346,10 +348,28 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
                 self._stream_file(out, relative)
         out.sendall(b"END\n")
 
+    def _quarantined(self, relative: str) -> int:
+        """A copy a cleanup moved to quarantine is still the same data: a verify (or a
+        late sync) of another host still gets it. FileNotFoundError if there is none."""
+        base = os.path.join(self.server.root, QUARANTINE)
+        try:
+            plans = sorted(os.listdir(base))
+        except OSError:
+            plans = []
+        for plan in plans:
+            try:
+                return open_in_root(os.path.join(base, plan), relative)
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(errno.ENOENT, "no such file")
+
     def _stream_file(self, out: socket.socket, relative: str) -> None:
         name = relative.encode("utf-8", "surrogateescape")
         try:
-            fd = open_in_root(self.server.root, relative)
+            try:
+                fd = open_in_root(self.server.root, relative)
+            except FileNotFoundError:
+                fd = self._quarantined(relative)
         except OSError as exc:
             reason = "no such file" if exc.errno == errno.ENOENT else exc.strerror
             out.sendall(b"E %s\t%s\n" % (name, str(reason).encode()))
