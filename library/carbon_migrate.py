@@ -124,6 +124,10 @@ EXAMPLES = r"""
     plan: /var/lib/carbonscale/plan.tsv
     secret_file: /etc/carbonscale/migrate.secret
     host: "{{ carbonscale_address }}"
+  # as the whisper tree's owner: the files it creates are carbon's, and the
+  # file service (same user) can read the journal for status
+  become: true
+  become_user: _graphite
   vars:
     ansible_python_interpreter: "{{ carbonscale_python }}"
 """
