@@ -92,8 +92,8 @@ def test_every_static_file_the_ui_pages_load_is_served(host):
 
 def _memcached_hits(host):
     stats = host.check_output(
-        "python3 -c 'import socket; s = socket.create_connection((\"127.0.0.1\", 11211));"
-        " s.sendall(b\"stats\\r\\n\"); print(s.recv(65536).decode())'"
+        'python3 -c \'import socket; s = socket.create_connection(("127.0.0.1", 11211));'
+        ' s.sendall(b"stats\\r\\n"); print(s.recv(65536).decode())\''
     )
     return int(re.search(r"STAT get_hits (\d+)", stats).group(1))
 

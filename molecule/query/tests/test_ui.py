@@ -12,13 +12,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("selenium")
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 testinfra_hosts = ["query-query1"]
 
@@ -63,7 +61,7 @@ def browser():
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
             options.add_argument(flag)
         driver = webdriver.Chrome(
             options=options, service=Service(executable_path="/usr/bin/chromedriver")
@@ -118,8 +116,10 @@ def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(brows
         leaf.click()
         viewer = browser.find_element(By.ID, "image-viewer")
         WebDriverWait(browser, 30).until(
-            lambda d: "lab.query.probe" in (viewer.get_attribute("src") or "")
-            and (_drawn(d, viewer) or {}).get("coloured", 0) > 0
+            lambda d: (
+                "lab.query.probe" in (viewer.get_attribute("src") or "")
+                and (_drawn(d, viewer) or {}).get("coloured", 0) > 0
+            )
         )
         drawn = _drawn(browser, viewer)
         assert _error_dialogs(browser) == []
@@ -157,7 +157,7 @@ def test_carbonscale_dashboard_draws_every_graph(browser, host):
     titles = [graph["title"] for graph in graphs]
     for title, result in zip(titles, results, strict=True):
         print(f"dashboard graph {title!r}: {result}")
-    assert browser.title.startswith("Graphite Dashboard")
+    assert browser.title == "carbonscale - Graphite Dashboard"
     for title, result in zip(titles, results, strict=True):
         assert (result["width"], result["height"]) == (spec["width"], spec["height"]), title
         assert result["coloured"] >= 50, (title, result)

@@ -19,7 +19,7 @@ HUNG_NODE = "query-storage2"
 RENDER = "/render?target=lab.query.*&format=json&from=-1h&noCache=1"
 # Seconds on top of FETCH_TIMEOUT for everything but waiting: Django, nginx,
 # the answering node's own render.
-SLACK = 1.5
+SLACK = 3.0
 
 
 def _render():
@@ -48,18 +48,18 @@ def test_a_hung_storage_node_costs_at_most_fetch_timeout_and_comes_back(host):
 
     _docker("pause", HUNG_NODE)
     try:
-        first, names = _render()
-        second, names_again = _render()
+        # Each gunicorn worker finds out for itself (then skips the node).
+        renders = [_render() for _ in range(4)]
     finally:
         _docker("unpause", HUNG_NODE)
+    times = ", ".join(f"{seconds:.2f}" for seconds, _ in renders)
     print(
-        f"\n{HUNG_NODE} frozen: render {first:.2f} s, then {second:.2f} s"
+        f"\n{HUNG_NODE} frozen: renders took {times} s"
         f" (bound: FETCH_TIMEOUT {fetch_timeout} s + {SLACK} s)"
     )
-    assert names == ["lab.query.probe"]
-    assert names_again == ["lab.query.probe"]
-    assert first <= fetch_timeout + SLACK
-    assert second <= fetch_timeout + SLACK
+    for seconds, names in renders:
+        assert names == ["lab.query.probe"]
+        assert seconds <= fetch_timeout + SLACK
 
     logged = host.check_output(
         f"cat /var/log/graphite/*.log | tail -n +{log_lines + 1} | grep -c 172.31.7.32 || true"
