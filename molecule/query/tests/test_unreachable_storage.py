@@ -66,17 +66,15 @@ def test_a_hung_storage_node_costs_at_most_fetch_timeout_and_comes_back(host):
     )
     assert int(logged) > 0, "the failed storage node is not in graphite-web's logs"
 
-    # Back: every worker asks it again once REMOTE_RETRY_DELAY has passed.
-    deadline = time.monotonic() + retry_delay + fetch_timeout + 20
-    while True:
+    # Back: every gunicorn worker asks it again once REMOTE_RETRY_DELAY has
+    # passed since its own last failure; then six renders in a row have both.
+    deadline = time.monotonic() + retry_delay + fetch_timeout + 30
+    in_a_row = 0
+    while in_a_row < 6:
         elapsed, names = _render()
-        if names == both:
-            break
+        in_a_row = in_a_row + 1 if names == both else 0
         assert time.monotonic() < deadline, f"{HUNG_NODE} is not used again: {names}"
-        time.sleep(1)
-    # Every later render has both again, and fast.
-    for _ in range(6):
-        elapsed, names = _render()
-        assert names == both
-        assert elapsed < fetch_timeout
+        assert elapsed < fetch_timeout + SLACK
+        if names != both:
+            time.sleep(1)
     print(f"{HUNG_NODE} thawed: used again, last render {elapsed:.2f} s")
