@@ -2,9 +2,10 @@
 # Debian packages the controller needs for tests and bench/: carbon-c-relay
 # (its -t mode is the placement oracle), and the daemons whose config tests and
 # baselines run on the controller; python3-venv for .venv, iproute2 for the
-# lab's route check. Installs only what is missing.
+# lab's route check; chromium and chromium-driver for molecule query's browser
+# test of graphite-web's UI. Installs only what is missing.
 set -euo pipefail
-want="carbon-c-relay keepalived debootstrap rsync python3-venv iproute2"
+want="carbon-c-relay keepalived debootstrap rsync python3-venv iproute2 chromium chromium-driver"
 missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"

@@ -376,6 +376,7 @@ def where_to_send(hosts, ports) -> str:
     ]
     if web:
         lines.append(f"Graphite-web (query nodes): {', '.join(web)}")
+        lines.append(f"Cluster dashboard: {web[0]}dashboard/carbonscale")
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START = "<!-- defaults:start -->"
 END = "<!-- defaults:end -->"
 ANSIBLE_DOC_MARKUP = re.compile(r"\b[OVC]\(([^)]*)\)")
+LONG_DEFAULT = 160  # characters of a flow-style default shown in a table cell
 HEADER = "| Variable | Default | Meaning |\n|---|---|---|\n"
 
 
@@ -91,8 +92,12 @@ def default_cell(value: object) -> str:
         return code(yaml.safe_dump(value).splitlines()[0])
     if isinstance(value, int | float):
         return code(str(value))
-    flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9)
-    return code(flow.strip())
+    flow = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**9).strip()
+    # A long list or mapping (a dashboard's graphs) is unreadable in one cell:
+    # the table points at the one place it is written instead.
+    if len(flow) > LONG_DEFAULT:
+        return "see `defaults/main.yml`"
+    return code(flow)
 
 
 def description_cell(option: dict) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
+from unittest import mock
 
 import pytest
 import yaml
@@ -85,9 +87,17 @@ def rendered(tmp_path_factory):
 
 
 def settings(rendered, mode: str) -> dict:
+    """The rendered settings executed, with graphite.http_pool (which cluster
+    mode replaces; graphite-web is not installed on the controller) faked."""
     path = rendered / f"{mode}_settings.py"
     module: dict = {}
-    exec(compile(path.read_text(), str(path), "exec"), module)
+    graphite = types.ModuleType("graphite")
+    graphite.http_pool = types.ModuleType("graphite.http_pool")
+    graphite.http_pool.http = None
+    fakes = {"graphite": graphite, "graphite.http_pool": graphite.http_pool}
+    with mock.patch.dict(sys.modules, fakes):
+        exec(compile(path.read_text(), str(path), "exec"), module)
+    module["_graphite_http_pool"] = graphite.http_pool
     return module
 
 
@@ -113,6 +123,9 @@ def test_cluster_mode_fans_out_to_every_storage_node(rendered):
     # s3 has no carbonscale_address: its gathered default IPv4 address.
     assert cluster["CLUSTER_SERVERS"] == ["10.0.0.31:8080", "10.0.0.32:8081", "10.0.0.33:8080"]
     assert cluster["CARBONLINK_HOSTS"] == []
+    # graphite's pool, which retries a hung node three times, is replaced by
+    # one that gives up at the first timeout (graphite_web_remote_http_retries: 0).
+    assert cluster["_graphite_http_pool"].http.connection_pool_kw["retries"].total is False
 
 
 def test_a_storage_node_without_an_address_is_named(tmp_path):

@@ -93,6 +93,7 @@ INVENTORY = {
                     {"name": "a", "line_port": 2103, "pickle_port": 2104, "query_port": 7102}
                 ],
                 "graphite_web_secret_key": "test",
+                "migrate_transport_secret": "test-secret-16-chars",
             }
         },
         "children": {

@@ -1,12 +1,27 @@
-"""graphite-web in both shapes: local reads on a storage node, fan-out on a query node."""
+"""graphite-web in both shapes: local reads on storage nodes, fan-out on a query node,
+nginx in front (static files served), memcached on the query node, and the
+storage nodes' answer to a request whose from/until whisper rounds to one point."""
 
 import json
+import re
+import time
 
 import pytest
 
-testinfra_hosts = ["query-storage1", "query-query1"]
+testinfra_hosts = ["query-storage1", "query-storage2", "query-query1"]
 
-RENDER = "/render?target=lab.query.probe&format=json&from=-15min"
+RENDER = "/render?target=lab.query.*&format=json&from=-1h"
+# What each host sees under lab.query: a storage node its own series, the
+# query node both (through CLUSTER_SERVERS).
+SEEN = {
+    "query-storage1": {"lab.query.probe": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]},
+    "query-storage2": {"lab.query.other": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]},
+}
+SEEN["query-query1"] = {**SEEN["query-storage1"], **SEEN["query-storage2"]}
+
+
+def _name(host):
+    return host.backend.get_hostname()
 
 
 def _get(host, path):
@@ -14,34 +29,127 @@ def _get(host, path):
     return json.loads(out)
 
 
-def test_unit_is_valid_and_running(host):
-    assert host.service("graphite-web").is_running
-    assert host.service("graphite-web").is_enabled
+def _only_on_query_node(host):
+    if _name(host) != "query-query1":
+        pytest.skip("query node only")
+
+
+def test_units_are_valid_and_running(host):
+    for unit in ("graphite-web", "nginx"):
+        assert host.service(unit).is_running, unit
+        assert host.service(unit).is_enabled, unit
     check = host.run("systemd-analyze verify /etc/systemd/system/graphite-web.service")
     assert check.rc == 0, check.stderr
     assert check.stderr.strip() == ""
+
+
+def test_nginx_has_the_public_port_and_gunicorn_a_local_one(host):
+    assert host.socket("tcp://0.0.0.0:8080").is_listening
+    assert host.socket("tcp://127.0.0.1:8081").is_listening
+    assert not host.socket("tcp://0.0.0.0:8081").is_listening
+    listeners = host.check_output("ss -Htlnp 'sport = :8080'")
+    assert "nginx" in listeners and "gunicorn" not in listeners
+    assert host.run("nginx -t -q").rc == 0
 
 
 def test_django_accepts_the_settings(host):
     assert host.run("graphite-manage check").rc == 0
 
 
-@pytest.mark.parametrize("path", ["/metrics/find?query=lab.query.*"])
-def test_find_sees_the_metric(host, path):
-    names = [node["id"] for node in _get(host, path)]
-    assert names == ["lab.query.probe"]
+def test_find_sees_the_metrics(host):
+    names = sorted(node["id"] for node in _get(host, "/metrics/find?query=lab.query.*"))
+    assert names == sorted(SEEN[_name(host)])
 
 
 def test_render_returns_the_points_whisper_wrote(host):
     series = _get(host, RENDER)
-    assert [s["target"] for s in series] == ["lab.query.probe"]
-    values = sorted(v for v, _ in series[0]["datapoints"] if v is not None)
-    assert values == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    got = {s["target"]: sorted(v for v, _ in s["datapoints"] if v is not None) for s in series}
+    assert got == SEEN[_name(host)]
 
 
 def test_query_node_holds_no_whisper(host):
-    if host.backend.get_hostname() != "query-query1":
-        pytest.skip("storage node")
+    _only_on_query_node(host)
     assert not host.file("/var/lib/graphite/whisper").exists
     settings = host.file("/etc/graphite/local_settings.py").content_string
-    assert "'172.31.7.31:8080'" in settings
+    assert "'172.31.7.31:8080'" in settings and "'172.31.7.32:8080'" in settings
+
+
+def test_every_static_file_the_ui_pages_load_is_served(host):
+    """The composer, the tree and the dashboard load ExtJS and their own JS/CSS
+    from /static/; gunicorn alone answers 404 to every one of them."""
+    _only_on_query_node(host)
+    urls = set()
+    for page in ("/", "/composer/", "/dashboard/"):
+        html = host.check_output(f"curl -fsS --max-time 20 'http://127.0.0.1:8080{page}'")
+        urls |= set(re.findall(r"""(?:src|href)=["'](/static/[^"'?]+)""", html))
+    assert len(urls) >= 10, urls
+    for url in sorted(urls):
+        code = host.check_output(
+            f"curl -s -o /dev/null -w '%{{http_code}}' 'http://127.0.0.1:8080{url}'"
+        )
+        assert code == "200", url
+
+
+def _memcached_hits(host):
+    stats = host.check_output(
+        'python3 -c \'import socket; s = socket.create_connection(("127.0.0.1", 11211));'
+        ' s.sendall(b"stats\\r\\n"); print(s.recv(65536).decode())\''
+    )
+    return int(re.search(r"STAT get_hits (\d+)", stats).group(1))
+
+
+def _timed_get(host, path):
+    out = host.check_output(
+        f"curl -fsS --max-time 20 -o /dev/null -w '%{{time_total}}' 'http://127.0.0.1:8080{path}'"
+    )
+    return float(out)
+
+
+def test_a_repeated_render_comes_from_memcached(host):
+    _only_on_query_node(host)
+    assert host.service("memcached").is_running
+    settings = host.file("/etc/graphite/local_settings.py").content_string
+    assert "MEMCACHE_HOSTS = ['127.0.0.1:11211']" in settings
+    # A render nobody asked for yet: the title makes its cache key new.
+    path = f"/render?target=lab.query.*&from=-1h&width=400&height=200&title=t{time.time_ns()}"
+    hits = _memcached_hits(host)
+    first = _timed_get(host, path)
+    after_first = _memcached_hits(host)
+    second = _timed_get(host, path)
+    after_second = _memcached_hits(host)
+    print(
+        f"\nmemcached: get_hits {hits} -> {after_first} (first render, {first * 1000:.1f} ms)"
+        f" -> {after_second} (repeated render, {second * 1000:.1f} ms)"
+    )
+    assert after_second > after_first
+    assert second < first
+
+
+@pytest.mark.parametrize(
+    "window",
+    [
+        pytest.param((1, 5), id="both-inside-one-step"),
+        pytest.param((3, 3), id="from-equals-until"),
+        pytest.param((10, 10), id="on-a-step-boundary"),
+    ],
+)
+def test_a_window_whisper_rounds_to_one_point_is_answered_small(host, window):
+    """A storage node asked (as a query node asks it: local=1, pickle) for a
+    from/until that whisper rounds to the same slot of a 38 MB file must not
+    read and send the whole file."""
+    if _name(host) != "query-storage1":
+        pytest.skip("the large whisper file is on query-storage1")
+    now = int(time.time())
+    base = now - now % 10 - 3600
+    params = (
+        f"target=lab.big.series&format=pickle&local=1&noCache=1"
+        f"&from={base + window[0]}&until={base + window[1]}&now={now}"
+    )
+    out = host.check_output(
+        "curl -sS --max-time 60 -o /tmp/from-until.pickle"
+        f" -w '%{{http_code}} %{{size_download}} %{{time_total}}'"
+        f" 'http://127.0.0.1:8080/render/?{params}'"
+    )
+    code, size, seconds = out.split()
+    print(f"\nfrom/until {window}: HTTP {code}, {int(size)} bytes in {float(seconds):.3f} s")
+    assert int(size) < 64 * 1024
