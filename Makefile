@@ -1,6 +1,8 @@
 # carbonscale: two entry points for a new user.
 #   make lab    a real multi-host Graphite cluster in containers, deployed by site.yml
 #   make test   everything CI runs: lint, unit tests, every molecule scenario
+#               (each part's time printed at the end, and which part failed)
+#   make test-quick   lint + unit tests only: the inner loop
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV := .venv
@@ -9,7 +11,8 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Every scenario under molecule/ (the shared base in molecule/_shared is not one).
 SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
-.PHONY: preflight venv host-deps docker base-image lint unit molecule test lab lab-destroy bench clean
+.PHONY: preflight venv host-deps docker base-image lint unit molecule test test-quick timed-parts lab lab-destroy \
+	bench clean
 
 # Before anything is installed: is Docker possible, is there disk space.
 preflight:
@@ -42,15 +45,34 @@ unit: venv host-deps base-image
 # molecule logs "CRITICAL 'molecule/default/molecule.yml' glob failed" before
 # each scenario and carries on: it looks for a default scenario to share state
 # with, and there is none here by design (each scenario is self-contained).
-molecule: venv base-image
-	@for scenario in $(SCENARIOS); do \
-	  echo "=== molecule test -s $$scenario"; \
-	  start=$$(date +%s); \
-	  molecule test -s $$scenario || exit 1; \
-	  echo "=== $$scenario passed in $$(( $$(date +%s) - start )) s"; \
-	done
+molecule-%: venv base-image
+	molecule test -s $*
 
-test: preflight lint unit molecule
+molecule: $(addprefix molecule-,$(SCENARIOS))
+
+# The parts of `make test`, one after another; the first failure stops the
+# run. Each part's wall time is printed at the end, failed or not.
+TEST_PARTS := lint unit $(addprefix molecule-,$(SCENARIOS))
+QUICK_PARTS := lint unit
+
+test: preflight venv host-deps base-image
+	@$(MAKE) --no-print-directory timed-parts PARTS="$(TEST_PARTS)"
+
+test-quick: venv host-deps base-image
+	@$(MAKE) --no-print-directory timed-parts PARTS="$(QUICK_PARTS)"
+
+# Runs each of $(PARTS) as its own make target and prints a table of times.
+timed-parts:
+	@times=(); failed=""; total_start=$$(date +%s); \
+	for part in $(PARTS); do \
+	  echo "=== $$part"; start=$$(date +%s); \
+	  if $(MAKE) --no-print-directory $$part; then status=passed; else status=FAILED; fi; \
+	  times+=("$$(printf '%-22s %6d s  %s' "$$part" $$(( $$(date +%s) - start )) $$status)"); \
+	  if [ $$status = FAILED ]; then failed=$$part; break; fi; \
+	done; \
+	echo "=== time per part"; printf '%s\n' "$${times[@]}"; \
+	printf '%-22s %6d s\n' total $$(( $$(date +%s) - total_start )); \
+	if [ -n "$$failed" ]; then echo "=== FAILED: $$failed (later parts not run)"; exit 1; fi
 
 lab: preflight venv host-deps base-image
 	scripts/lab.sh up
