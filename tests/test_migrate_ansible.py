@@ -6,12 +6,11 @@ second sync changes nothing."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ansible_runner import module_task
 from test_migrate import A, B, C, Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,25 +20,7 @@ needs_ansible = pytest.mark.skipif(not PLAYBOOK_BIN.exists(), reason="ansible is
 
 def task(tmp_path: Path, args: dict, *extra: str) -> dict:
     body = "".join(f"        {key}: {json.dumps(value)}\n" for key, value in args.items())
-    (tmp_path / "play.yml").write_text(
-        "- name: Migration glue\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"
-        f"    - name: Step\n      carbon_migrate:\n{body}"
-    )
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(ROOT / "library"),
-        ANSIBLE_STDOUT_CALLBACK="json",
-        ANSIBLE_LOCALHOST_WARNING="false",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-    )
-    run = subprocess.run(
-        [str(PLAYBOOK_BIN), "-i", "localhost,", "-c", "local", str(tmp_path / "play.yml"), *extra],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=False, timeout=300,
-    )  # fmt: skip
-    report = json.loads(run.stdout[run.stdout.index("{") :])
-    return report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return module_task(tmp_path, "carbon_migrate", body, *extra)
 
 
 def snapshot(root: Path) -> dict:

@@ -4,15 +4,13 @@ second run changes nothing, a corrupt source fails the task with the reason."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import whisper
+from ansible_runner import module_task
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOK_BIN = Path(sys.executable).parent / "ansible-playbook"
@@ -21,30 +19,7 @@ SCHEMA = [(60, 120), (600, 100)]
 
 
 def playbook(tmp_path: Path, args: str, *extra: str) -> dict:
-    (tmp_path / "play.yml").write_text(
-        "- name: Whisper fill glue\n  hosts: localhost\n  gather_facts: false\n  tasks:\n"
-        f"    - name: Fill\n      whisper_fill:\n{args}"
-    )
-    env = dict(
-        os.environ,
-        ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"),
-        ANSIBLE_LIBRARY=str(ROOT / "library"),
-        ANSIBLE_STDOUT_CALLBACK="json",
-        ANSIBLE_LOCALHOST_WARNING="false",
-        ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
-        ANSIBLE_PYTHON_INTERPRETER=sys.executable,
-    )
-    run = subprocess.run(
-        [str(PLAYBOOK_BIN), "-i", "localhost,", "-c", "local", str(tmp_path / "play.yml"), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        check=False,
-        timeout=300,
-    )
-    report = json.loads(run.stdout[run.stdout.index("{") :])
-    return report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return module_task(tmp_path, "whisper_fill", args, *extra)
 
 
 def trees(tmp_path: Path) -> tuple[Path, Path]:
