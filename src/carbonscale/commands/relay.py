@@ -13,6 +13,7 @@ import logging
 import sys
 
 from carbonscale import ExitStatus
+from carbonscale.relay.pickle_settings import Settings, parse_hostport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +36,6 @@ def _daemon_logging() -> None:
 
 
 def register_pickle(verbs: argparse._SubParsersAction) -> None:
-    from carbonscale.relay import lines
-
     parser = verbs.add_parser(
         "pickle",
         help="carbon pickle protocol in (2004), line protocol out to carbon-c-relay (2003)",
@@ -51,51 +50,51 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--listen",
-        default=":2004",
+        default=f":{Settings.listen[1]}",
         help="[HOST]:PORT to listen on (default %(default)s: every address)",
     )
     parser.add_argument(
         "--upstream",
-        default="127.0.0.1:2003",
+        default="{}:{}".format(*Settings.upstream),
         help="carbon-c-relay's line listener HOST:PORT (default %(default)s)",
     )
     parser.add_argument(
         "--max-frame",
         type=int,
-        default=lines.DEFAULT_MAX_FRAME,
+        default=Settings.max_frame,
         help="largest frame in bytes; a larger one closes its connection (default %(default)s, "
         "carbon's)",
     )
     parser.add_argument(
         "--max-name",
         type=int,
-        default=lines.DEFAULT_MAX_NAME,
+        default=Settings.max_name,
         help="longest metric name in bytes; longer points are skipped and counted "
         "(default %(default)s)",
     )
     parser.add_argument(
         "--max-output",
         type=int,
-        default=lines.DEFAULT_MAX_OUTPUT,
+        default=Settings.max_output,
         help="a frame expanding to more line-protocol bytes is malformed (default %(default)s)",
     )
     parser.add_argument(
         "--queue-size",
         type=int,
-        default=1_000_000,
+        default=Settings.queue_size,
         help="points held while carbon-c-relay is away; beyond, dropped and counted "
         "(default %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=2500,
+        default=Settings.batch_size,
         help="points written to carbon-c-relay per write, at most (default %(default)s)",
     )
     parser.add_argument(
         "--stats-interval",
         type=float,
-        default=60.0,
+        default=Settings.stats_interval,
         help="seconds between the relay's own counters sent as metrics (default %(default)g)",
     )
     parser.add_argument(
@@ -105,20 +104,20 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--idle-timeout",
         type=float,
-        default=600.0,
+        default=Settings.idle_timeout,
         help="close client connections silent this many seconds; 0 never (default %(default)g)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=float,
-        default=30.0,
+        default=Settings.drain_timeout,
         help="on SIGTERM, seconds to wait for the queue to reach carbon-c-relay "
         "(default %(default)g)",
     )
     parser.add_argument(
         "--reconnect-interval",
         type=float,
-        default=1.0,
+        default=Settings.reconnect_interval,
         help="seconds between connection attempts to carbon-c-relay (default %(default)g)",
     )
     parser.add_argument(
@@ -131,11 +130,9 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
 
 
 def run_pickle(args: argparse.Namespace) -> int:
-    from carbonscale.relay import pickle_relay
-
-    settings = pickle_relay.Settings(
-        listen=pickle_relay.parse_hostport(args.listen, "--listen", allow_any=True),
-        upstream=pickle_relay.parse_hostport(args.upstream, "--upstream"),
+    settings = Settings(
+        listen=parse_hostport(args.listen, "--listen", allow_any=True),
+        upstream=parse_hostport(args.upstream, "--upstream"),
         max_frame=args.max_frame,
         max_name=args.max_name,
         max_output=args.max_output,
@@ -154,6 +151,8 @@ def run_pickle(args: argparse.Namespace) -> int:
             print(f"{field.name}\t{getattr(settings, field.name)}")
         return ExitStatus.OK
     _daemon_logging()
+    from carbonscale.relay import pickle_relay  # the daemon's asyncio, only to run it
+
     pickle_relay.run(settings)
     return ExitStatus.OK
 
