@@ -172,13 +172,19 @@ def _number(x) -> int | float | None:
     return None
 
 
-def _timestamp(x, now: int) -> int | None:
+def _finite(x) -> int | float | None:
+    """_number(x), or None for an infinity or NaN (carbon cannot store them)."""
     v = _number(x)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _timestamp(x, now: int) -> int | None:
+    v = _finite(x)
     if v is None:
         return None
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return None
         v = math.trunc(v)
         if not -_INT64 <= v < _INT64:
             return None
@@ -186,12 +192,10 @@ def _timestamp(x, now: int) -> int | None:
 
 
 def _value(x) -> bytes | None:
-    v = _number(x)
+    v = _finite(x)
     if v is None:
         return None
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return None
         if v.is_integer() and abs(v) < _EXACT:
             return b"%d" % int(v)
         return repr(v).encode()
