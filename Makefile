@@ -39,8 +39,10 @@ lint: venv
 	ansible-lint --profile production
 
 # tests/test_lab.py makes docker networks and containers from the base image.
+# One worker per core (pytest-xdist); loadgroup keeps the tests marked
+# xdist_group (tests/test_lab.py's docker networks on one subnet) on one worker.
 unit: venv host-deps base-image
-	pytest
+	pytest -n auto --dist loadgroup
 
 # molecule logs "CRITICAL 'molecule/default/molecule.yml' glob failed" before
 # each scenario and carries on: it looks for a default scenario to share state

@@ -28,6 +28,9 @@ LAB_PY = ROOT / "scripts" / "lab.py"
 BASE_IMAGE = os.environ.get("CARBONSCALE_BASE_IMAGE") or "carbonscale/debian12-systemd:latest"
 # A /24 no scenario or lab uses (see COORDINATION.md's subnet list).
 SUBNET = "172.30.77"
+# The conflict checks create docker networks on and around SUBNET and expect
+# no other on it: under pytest-xdist (make unit) they all run on one worker.
+pytestmark = pytest.mark.xdist_group("lab-subnet")
 
 
 def fake_bin(tmp_path: Path, scripts: dict[str, str], real: tuple[str, ...]) -> Path:

@@ -3,7 +3,7 @@
 The role's keepalived template is rendered by ansible-playbook on localhost
 and tested by the real keepalived (--config-test); bad services go through
 the role's own argument specs and validation tasks. The role itself runs on
-containers in molecule/lvs.
+containers in the cluster scenario (molecule/cluster/tests/test_lvs.py).
 """
 
 import shutil

@@ -5,7 +5,7 @@ Through ansible-playbook on localhost: the role's cluster checks
 the role's own template rendered to a file. The file is checked by the real
 carbon-c-relay (-t) and by `carbonscale ring locate --relay-config`, which must
 name the same member for every metric. The role itself runs on containers in
-molecule/relay.
+the cluster scenario (molecule/cluster/tests/test_relay.py).
 """
 
 import shlex

@@ -3,7 +3,8 @@ on the storage instance that `carbonscale ring locate` names.
 
 Two users: the cluster scenario's verify (molecule passes its inventory) and
 `make lab`'s smoke test (scripts/lab.py passes inventories/lab). Hosts are found
-by group, never by name. With CARBONSCALE_SMOKE_REPORT set, a summary of what
+by group, never by name (cluster_hosts.py; the `cluster` fixture is in
+conftest.py). With CARBONSCALE_SMOKE_REPORT set, a summary of what
 was checked (and what was not, and why) is written there as JSON for the
 lab to print.
 
@@ -19,37 +20,9 @@ import os
 import time
 
 import pytest
-import testinfra
-from testinfra.utils.ansible_runner import AnsibleRunner
+from cluster_hosts import Cluster
 
 METRICS = 1000
-
-
-class Cluster:
-    def __init__(self, inventory: str) -> None:
-        self.inventory = inventory
-        self.runner = AnsibleRunner(inventory)
-        self._hosts: dict[str, testinfra.host.Host] = {}
-
-    def group(self, name: str) -> list[str]:
-        return self.runner.get_hosts(name)
-
-    def vars(self, name: str) -> dict:
-        return self.runner.get_variables(name)
-
-    def host(self, name: str):
-        if name not in self._hosts:
-            self._hosts[name] = testinfra.get_host(
-                f"ansible://{name}", ansible_inventory=self.inventory
-            )
-        return self._hosts[name]
-
-
-@pytest.fixture(scope="module")
-def cluster(request) -> Cluster:
-    inventory = request.config.option.ansible_inventory
-    assert inventory, "run with --ansible-inventory (molecule verify and scripts/lab.py do)"
-    return Cluster(inventory)
 
 
 class Report:

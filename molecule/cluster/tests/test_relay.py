@@ -5,42 +5,65 @@ Placement is checked per instance, not per host: carbon-cache logs
 carbon-cache@<name> on each storage host says which instance received a
 metric first. Owners come from the rendered relay config through
 `carbonscale ring locate --relay-config` and from carbon-c-relay's own -t mode.
+Relays, storage hosts, their instances and the statsd daemons come from the
+inventory (the `relays` and `storage` groups).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
-import testinfra
 
-testinfra_hosts = ["relay-relay1"]
-
-RELAYS = {"relay-relay1": "172.31.4.21", "relay-relay2": "172.31.4.22"}
-STORAGE = {"relay-storage1": "172.31.4.31", "relay-storage2": "172.31.4.32"}
-INSTANCES = {"a": 2103, "b": 2203}
-# carbon_ring_members: hosts in inventory order, instances in list order.
-MEMBERS = [
-    f"{address}:{port}={name}" for address in STORAGE.values() for name, port in INSTANCES.items()
-]
-STATSD_BACKENDS = [
-    f"{address}:{port}:{admin}"
-    for address in RELAYS.values()
-    for port, admin in ((8127, 8128), (8129, 8130))
-]
 CARBONSCALE = "/opt/carbonscale/venv/bin/carbonscale"
 RELAY_CONFIG = "/etc/carbon-c-relay.conf"
 WHISPER = "/var/lib/graphite/whisper"
 
 
 @pytest.fixture(scope="module")
-def hosts(request):
-    inventory = request.config.option.ansible_inventory
-    return {
-        name: testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory)
-        for name in [*RELAYS, *STORAGE]
+def tier(cluster):
+    """The relay tier as the inventory describes it."""
+    relays = {name: cluster.address(name) for name in cluster.group("relays")}
+    storage = {name: cluster.address(name) for name in cluster.group("storage")}
+    assert len(relays) >= 2, "the relay checks send from one relay to another"
+    # {storage host: {instance name: line port}}
+    instances = {
+        name: {i["name"]: i["line_port"] for i in cluster.vars(name)["carbon_instances"]}
+        for name in storage
     }
+    first_relay = next(iter(relays))
+    return SimpleNamespace(
+        relays=relays,
+        storage=storage,
+        instances=instances,
+        # carbon_ring_members: hosts in inventory order, instances in list order.
+        members=[
+            f"{storage[name]}:{port}={instance}"
+            for name in storage
+            for instance, port in instances[name].items()
+        ],
+        # {relay host: {statsd instance name: port}}
+        statsd={
+            name: {i["name"]: i["port"] for i in cluster.vars(name)["statsd_instances"]}
+            for name in relays
+        },
+        # The statsd relay's backends: every relay's daemons, inventory order.
+        statsd_backends=[
+            f"{relays[name]}:{i['port']}:{i['admin_port']}"
+            for name in relays
+            for i in cluster.vars(name)["statsd_instances"]
+        ],
+        first_relay=first_relay,
+        hash=cluster.vars(first_relay)["carbon_relay_hash"],
+        replication=cluster.vars(first_relay)["carbon_relay_replication"],
+    )
+
+
+@pytest.fixture(scope="module")
+def hosts(cluster, tier):
+    return {name: cluster.host(name) for name in [*tier.relays, *tier.storage]}
 
 
 def _stamp(host) -> str:
@@ -60,14 +83,14 @@ def _locate(host, names: list[str]) -> dict[str, str]:
     return located
 
 
-def _created_by(hosts, names: set[str], timeout: float = 150) -> dict[str, list[str]]:
+def _created_by(hosts, tier, names: set[str], timeout: float = 150) -> dict[str, list[str]]:
     """{metric: ['address:line_port', ...]} of the instances whose journal logs its creation."""
     pattern = re.compile(r"creating database metric (\S+)")
     deadline = time.monotonic() + timeout
     while True:
         created: dict[str, list[str]] = {}
-        for storage, address in STORAGE.items():
-            for name, port in INSTANCES.items():
+        for storage, address in tier.storage.items():
+            for name, port in tier.instances[storage].items():
                 text = hosts[storage].check_output(
                     f"journalctl -q -o cat -u carbon-cache@{name} --no-pager"
                 )
@@ -79,16 +102,12 @@ def _created_by(hosts, names: set[str], timeout: float = 150) -> dict[str, list[
         time.sleep(3)
 
 
-def test_services_run_and_units_verify(hosts):
-    for relay in RELAYS:
+def test_services_run_and_units_verify(hosts, tier):
+    for relay in tier.relays:
         host = hosts[relay]
-        for unit in (
-            "carbon-c-relay",
-            "carbonscale-pickle-relay",
-            "statsd@a",
-            "statsd@b",
-            "carbonscale-statsd-relay",
-        ):
+        units = ["carbon-c-relay", "carbonscale-pickle-relay", "carbonscale-statsd-relay"]
+        units += [f"statsd@{instance}" for instance in tier.statsd[relay]]
+        for unit in units:
             assert host.service(unit).is_running, f"{relay} {unit}"
             assert host.service(unit).is_enabled, f"{relay} {unit}"
         for unit in ("carbonscale-pickle-relay.service", "carbonscale-statsd-relay.service"):
@@ -99,21 +118,21 @@ def test_services_run_and_units_verify(hosts):
         assert host.socket("udp://0.0.0.0:8125").is_listening
 
 
-def test_rendered_config_has_the_storage_members_and_the_relay_accepts_it(hosts):
-    for relay in RELAYS:
+def test_rendered_config_has_the_storage_members_and_the_relay_accepts_it(hosts, tier):
+    for relay in tier.relays:
         host = hosts[relay]
         config = host.file(RELAY_CONFIG).content_string
         block = config.split('cluster "storage"', 1)[1].split(";", 1)[0]
-        assert block.split()[:3] == ["carbon_ch", "replication", "1"]
-        assert block.split()[3:] == MEMBERS
+        assert block.split()[:3] == [tier.hash, "replication", str(tier.replication)]
+        assert block.split()[3:] == tier.members
         check = host.run(f"carbon-c-relay -t -f {RELAY_CONFIG} < /dev/null")
         assert check.rc == 0, check.stdout + check.stderr
         limits = host.check_output("systemctl show -p LimitNOFILE --value carbon-c-relay")
         assert limits == "65536"
 
 
-def test_locate_agrees_with_the_relays_own_test_mode(hosts):
-    host = hosts["relay-relay1"]
+def test_locate_agrees_with_the_relays_own_test_mode(hosts, tier):
+    host = hosts[tier.first_relay]
     names = [
         f"molecule.agree.{i}.ünï" if i % 7 == 0 else f"molecule.agree.{i}" for i in range(2000)
     ]
@@ -137,23 +156,24 @@ def test_locate_agrees_with_the_relays_own_test_mode(hosts):
 
 
 @pytest.mark.parametrize(("protocol", "port"), [("line", 2003), ("pickle", 2004)])
-def test_metrics_are_created_by_the_instance_the_ring_names(hosts, protocol, port):
-    sender = hosts["relay-relay2"]
+def test_metrics_are_created_by_the_instance_the_ring_names(hosts, tier, protocol, port):
+    first, second = list(tier.relays)[:2]
+    sender = hosts[second]
     prefix = f"molecule.{protocol}.run{_stamp(sender)}."
     names = [f"{prefix}{i:06d}" for i in range(200)]
-    expected = _locate(hosts["relay-relay1"], names)
+    expected = _locate(hosts[first], names)
     # To the other relay's listener, across the network, as a client would.
     sender.check_output(
         f"{CARBONSCALE} gen -c 200 -x 1 -p {prefix} --format {protocol} "
-        f"--send {RELAYS['relay-relay1']}:{port}"
+        f"--send {tier.relays[first]}:{port}"
     )
-    created = _created_by(hosts, set(names))
+    created = _created_by(hosts, tier, set(names))
     wrong = {m: (created.get(m), expected[m]) for m in names if created.get(m) != [expected[m]]}
     assert not wrong, (
         f"{len(wrong)} of 200 not created (only) by their owner: {list(wrong.items())[:3]}"
     )
     # Every instance got some: the ring spreads, the test is not vacuous.
-    assert set(expected.values()) == {m.split("=")[0] for m in MEMBERS}
+    assert set(expected.values()) == {m.split("=")[0] for m in tier.members}
 
 
 def _statsd_journal_names(host, unit: str, prefix: str) -> set[str]:
@@ -170,18 +190,19 @@ def _whisper_sum(host, path: str) -> float | None:
     return float(out.stdout) if out.rc == 0 else None
 
 
-def test_statsd_metrics_aggregate_in_one_daemon_and_land_where_the_ring_says(hosts):
-    relay1, relay2 = hosts["relay-relay1"], hosts["relay-relay2"]
+def test_statsd_metrics_aggregate_in_one_daemon_and_land_where_the_ring_says(hosts, tier):
+    relay1 = hosts[tier.first_relay]
     assert relay1.check_output(
         f"{CARBONSCALE} relay statsd @/etc/carbonscale/statsd-relay.args --check-config"
-    ).splitlines() == [f"{i} {b}" for i, b in enumerate(STATSD_BACKENDS)]
+    ).splitlines() == [f"{i} {b}" for i, b in enumerate(tier.statsd_backends)]
 
     prefix = f"molecule.statsd.run{_stamp(relay1)}."
     names = [f"{prefix}{i:06d}" for i in range(40)]
-    # 25 increments of each name through each relay: 50 per name in total.
+    # 25 increments of each name through each relay: 25 x relays per name in total.
     send = f"{CARBONSCALE} gen -c 40 -x 25 -v 1 -p {prefix} --format statsd"
-    relay1.check_output(f"{send} --send 127.0.0.1:8125")
-    relay2.check_output(f"{send} --send 127.0.0.1:8125")
+    for relay in tier.relays:
+        hosts[relay].check_output(f"{send} --send 127.0.0.1:8125")
+    total = 25.0 * len(tier.relays)
 
     located = {}
     for line in relay1.check_output(
@@ -191,8 +212,8 @@ def test_statsd_metrics_aggregate_in_one_daemon_and_land_where_the_ring_says(hos
         name, backend = line.split()
         located[name] = backend.rsplit(":", 1)[0]  # address:port, no admin port
     seen: dict[str, list[str]] = {}
-    for relay, address in RELAYS.items():
-        for instance, port in (("a", 8127), ("b", 8129)):
+    for relay, address in tier.relays.items():
+        for instance, port in tier.statsd[relay].items():
             for name in _statsd_journal_names(hosts[relay], f"statsd@{instance}", prefix):
                 seen.setdefault(name, []).append(f"{address}:{port}")
     assert {n: seen.get(n) for n in names} == {n: [located[n]] for n in names}
@@ -201,9 +222,9 @@ def test_statsd_metrics_aggregate_in_one_daemon_and_land_where_the_ring_says(hos
     # metrics like any other: carbon-c-relay sends them to their ring owner.
     counts = [f"stats.counters.{n}.count" for n in names]
     owners = _locate(relay1, counts)
-    created = _created_by(hosts, set(counts))
+    created = _created_by(hosts, tier, set(counts))
     assert {c: created.get(c) for c in counts} == {c: [owners[c]] for c in counts}
-    address_to_host = {address: host for host, address in STORAGE.items()}
+    address_to_host = {address: host for host, address in tier.storage.items()}
     totals = {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -214,26 +235,26 @@ def test_statsd_metrics_aggregate_in_one_daemon_and_land_where_the_ring_says(hos
             )
             for c in counts
         }
-        if all(v == 50.0 for v in totals.values()):
+        if all(v == total for v in totals.values()):
             break
         time.sleep(3)
-    assert totals == {c: 50.0 for c in counts}
+    assert totals == {c: total for c in counts}
 
 
-def test_relays_report_their_own_counters(hosts):
+def test_relays_report_their_own_counters(hosts, tier):
     """carbon-c-relay, the pickle relay and the statsd relay each write their
     counters through carbon-c-relay, so they land in whisper too."""
     found = {}
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        for relay in RELAYS:
+        for relay in tier.relays:
             for kind, metric in (
                 ("carbon-c-relay", f"carbon.relays.{relay}.metricsReceived"),
                 ("pickle", f"carbon.relays.{relay}.pickle.frames"),
                 ("statsd", f"carbon.relays.{relay}.statsd.metrics_forwarded"),
             ):
                 path = f"{WHISPER}/{metric.replace('.', '/')}.wsp"
-                found[(relay, kind)] = any(hosts[s].file(path).exists for s in STORAGE)
+                found[(relay, kind)] = any(hosts[s].file(path).exists for s in tier.storage)
         if all(found.values()):
             break
         time.sleep(5)

@@ -1,9 +1,10 @@
-"""graphite-web's UI on the query node, in a real browser (Debian's headless
-Chromium through chromedriver): the composer's metric tree shows a metric the
-storage nodes hold, clicking it draws its graph, and the provisioned
-`carbonscale` dashboard loads with every graph drawn.
+"""graphite-web's UI on the query host, in a real browser (Debian's headless
+Chromium through chromedriver, on the controller): the composer's metric tree
+shows a metric the storage hosts hold, clicking it draws its graph, and the
+provisioned `carbonscale` dashboard loads with every graph drawn (from the
+relays' and carbon-cache's own counters, and query_data.py's samples).
 
-Screenshots go to $CARBONSCALE_ARTIFACTS, else molecule/query/artifacts/
+Screenshots go to $CARBONSCALE_ARTIFACTS, else molecule/cluster/artifacts/
 (gitignored)."""
 
 import json
@@ -18,9 +19,6 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-testinfra_hosts = ["query-query1"]
-
-QUERY_URL = "http://172.31.7.41:8080"
 ARTIFACTS = Path(
     os.environ.get("CARBONSCALE_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts"
 )
@@ -101,8 +99,8 @@ def _tree_node(driver, text):
     )
 
 
-def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(browser):
-    browser.get(QUERY_URL + "/")
+def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(browser, query_tier):
+    browser.get(query_tier.query_url + "/")
     # "/" is graphite's frameset: a header and the composer in frame "content".
     WebDriverWait(browser, 30).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "frame#composerFrame")
@@ -132,11 +130,12 @@ def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(brows
     assert drawn["coloured"] >= 50, drawn
 
 
-def test_carbonscale_dashboard_draws_every_graph(browser, host):
+def test_carbonscale_dashboard_draws_every_graph(browser, cluster, query_tier):
+    host = cluster.host(query_tier.query)
     spec = host.file("/etc/graphite/dashboards/carbonscale.json").content_string
     spec = json.loads(spec)
     graphs = spec["graphs"]
-    browser.get(QUERY_URL + "/dashboard/carbonscale")
+    browser.get(query_tier.query_url + "/dashboard/carbonscale")
 
     def all_drawn(driver):
         images = driver.find_elements(By.CSS_SELECTOR, "img.graph-img")

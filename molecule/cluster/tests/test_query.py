@@ -1,6 +1,9 @@
-"""graphite-web in both shapes: local reads on storage nodes, fan-out on a query node,
-nginx in front (static files served), memcached on the query node, and the
-storage nodes' answer to a request whose from/until whisper rounds to one point."""
+"""graphite-web in both shapes: local reads on the storage hosts, fan-out on
+the query host, nginx in front (static files served), memcached on the query
+host, and a storage host's answer to a request whose from/until whisper rounds
+to one point. The series are written with whisper's own tools (query_data.py)."""
+
+from __future__ import annotations
 
 import json
 import re
@@ -8,20 +11,7 @@ import time
 
 import pytest
 
-testinfra_hosts = ["query-storage1", "query-storage2", "query-query1"]
-
 RENDER = "/render?target=lab.query.*&format=json&from=-1h"
-# What each host sees under lab.query: a storage node its own series, the
-# query node both (through CLUSTER_SERVERS).
-SEEN = {
-    "query-storage1": {"lab.query.probe": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]},
-    "query-storage2": {"lab.query.other": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]},
-}
-SEEN["query-query1"] = {**SEEN["query-storage1"], **SEEN["query-storage2"]}
-
-
-def _name(host):
-    return host.backend.get_hostname()
 
 
 def _get(host, path):
@@ -29,12 +19,19 @@ def _get(host, path):
     return json.loads(out)
 
 
-def _only_on_query_node(host):
-    if _name(host) != "query-query1":
-        pytest.skip("query node only")
+@pytest.fixture(scope="module", params=["query", "storage-first", "storage-second"])
+def web(request, cluster, query_tier):
+    """(name, host) of each graphite-web: the query host and two storage hosts."""
+    name = {
+        "query": query_tier.query,
+        "storage-first": query_tier.storage[0],
+        "storage-second": query_tier.storage[1],
+    }[request.param]
+    return name, cluster.host(name)
 
 
-def test_units_are_valid_and_running(host):
+def test_units_are_valid_and_running(web):
+    _, host = web
     for unit in ("graphite-web", "nginx"):
         assert host.service(unit).is_running, unit
         assert host.service(unit).is_enabled, unit
@@ -43,7 +40,8 @@ def test_units_are_valid_and_running(host):
     assert check.stderr.strip() == ""
 
 
-def test_nginx_has_the_public_port_and_gunicorn_a_local_one(host):
+def test_nginx_has_the_public_port_and_gunicorn_a_local_one(web):
+    _, host = web
     assert host.socket("tcp://0.0.0.0:8080").is_listening
     assert host.socket("tcp://127.0.0.1:8081").is_listening
     assert not host.socket("tcp://0.0.0.0:8081").is_listening
@@ -52,32 +50,36 @@ def test_nginx_has_the_public_port_and_gunicorn_a_local_one(host):
     assert host.run("nginx -t -q").rc == 0
 
 
-def test_django_accepts_the_settings(host):
+def test_django_accepts_the_settings(web):
+    _, host = web
     assert host.run("graphite-manage check").rc == 0
 
 
-def test_find_sees_the_metrics(host):
+def test_find_sees_the_metrics(web, query_tier):
+    name, host = web
     names = sorted(node["id"] for node in _get(host, "/metrics/find?query=lab.query.*"))
-    assert names == sorted(SEEN[_name(host)])
+    assert names == sorted(query_tier.seen[name])
 
 
-def test_render_returns_the_points_whisper_wrote(host):
+def test_render_returns_the_points_whisper_wrote(web, query_tier):
+    name, host = web
     series = _get(host, RENDER)
     got = {s["target"]: sorted(v for v, _ in s["datapoints"] if v is not None) for s in series}
-    assert got == SEEN[_name(host)]
+    assert got == query_tier.seen[name]
 
 
-def test_query_node_holds_no_whisper(host):
-    _only_on_query_node(host)
+def test_query_host_holds_no_whisper_and_asks_every_storage_host(cluster, query_tier):
+    host = cluster.host(query_tier.query)
     assert not host.file("/var/lib/graphite/whisper").exists
     settings = host.file("/etc/graphite/local_settings.py").content_string
-    assert "'172.31.7.31:8080'" in settings and "'172.31.7.32:8080'" in settings
+    for name in query_tier.storage:
+        assert f"'{query_tier.addresses[name]}:8080'" in settings, name
 
 
-def test_every_static_file_the_ui_pages_load_is_served(host):
+def test_every_static_file_the_ui_pages_load_is_served(cluster, query_tier):
     """The composer, the tree and the dashboard load ExtJS and their own JS/CSS
     from /static/; gunicorn alone answers 404 to every one of them."""
-    _only_on_query_node(host)
+    host = cluster.host(query_tier.query)
     urls = set()
     for page in ("/", "/composer/", "/dashboard/"):
         html = host.check_output(f"curl -fsS --max-time 20 'http://127.0.0.1:8080{page}'")
@@ -105,8 +107,8 @@ def _timed_get(host, path):
     return float(out)
 
 
-def test_a_repeated_render_comes_from_memcached(host):
-    _only_on_query_node(host)
+def test_a_repeated_render_comes_from_memcached(cluster, query_tier):
+    host = cluster.host(query_tier.query)
     assert host.service("memcached").is_running
     settings = host.file("/etc/graphite/local_settings.py").content_string
     assert "MEMCACHE_HOSTS = ['127.0.0.1:11211']" in settings
@@ -133,12 +135,11 @@ def test_a_repeated_render_comes_from_memcached(host):
         pytest.param((10, 10), id="on-a-step-boundary"),
     ],
 )
-def test_a_window_whisper_rounds_to_one_point_is_answered_small(host, window):
-    """A storage node asked (as a query node asks it: local=1, pickle) for a
+def test_a_window_whisper_rounds_to_one_point_is_answered_small(cluster, query_tier, window):
+    """A storage host asked (as the query host asks it: local=1, pickle) for a
     from/until that whisper rounds to the same slot of a 38 MB file must not
     read and send the whole file."""
-    if _name(host) != "query-storage1":
-        pytest.skip("the large whisper file is on query-storage1")
+    host = cluster.host(query_tier.storage[0])
     now = int(time.time())
     base = now - now % 10 - 3600
     params = (
@@ -152,4 +153,5 @@ def test_a_window_whisper_rounds_to_one_point_is_answered_small(host, window):
     )
     code, size, seconds = out.split()
     print(f"\nfrom/until {window}: HTTP {code}, {int(size)} bytes in {float(seconds):.3f} s")
+    assert code == "200"
     assert int(size) < 64 * 1024

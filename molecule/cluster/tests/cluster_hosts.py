@@ -1,0 +1,68 @@
+"""The converged cluster as the checks see it: hosts found by group in the
+inventory molecule (or scripts/lab.py) passes, never by name or address.
+
+Shared by every test module in this directory (conftest.py makes the
+`cluster` fixture from it).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import cache
+from pathlib import Path
+
+import testinfra
+import yaml
+from testinfra.utils.ansible_runner import AnsibleRunner
+
+ROLES = Path(__file__).resolve().parents[3] / "roles"
+
+
+class Cluster:
+    def __init__(self, inventory: str) -> None:
+        self.inventory = inventory
+        self.runner = AnsibleRunner(inventory)
+        self._hosts: dict[str, testinfra.host.Host] = {}
+        self._vars: dict[str, dict] = {}
+
+    def group(self, name: str) -> list[str]:
+        return self.runner.get_hosts(name)
+
+    def vars(self, name: str) -> dict:
+        if name not in self._vars:
+            self._vars[name] = self.runner.get_variables(name)
+        return self._vars[name]
+
+    def address(self, name: str) -> str:
+        return self.vars(name)["carbonscale_address"]
+
+    def host(self, name: str):
+        if name not in self._hosts:
+            self._hosts[name] = testinfra.get_host(
+                f"ansible://{name}", ansible_inventory=self.inventory
+            )
+        return self._hosts[name]
+
+
+@cache
+def role_default(role: str, name: str):
+    """A role's default as written in its defaults/main.yml (a literal value):
+    for settings the inventory leaves to the role."""
+    defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text())
+    return defaults[name]
+
+
+def setting(cluster: Cluster, host: str, role: str, name: str):
+    """What the role ran with on host: the inventory's value, else the role's default."""
+    found = cluster.vars(host)
+    return found[name] if name in found else role_default(role, name)
+
+
+def wait_for(predicate, timeout: float, step: float = 0.2):
+    """predicate()'s first true value within timeout seconds, else its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
