@@ -5,7 +5,9 @@ Where the kernel has no IPVS, the lvs_director role runs this daemon
 probes of `carbonscale.health` through flap damping (`carbonscale.flap`) and
 rewrites nginx's upstreams when the usable set changes, marking `down` the
 servers that failed their check or are suppressed for flapping; nginx
-validates every new file before the reload.
+validates every new file before the reload. A service never loses its last
+server that is up to damping, and a host's planned restart (planned.json
+next to the flap state) adds no penalty.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from carbonscale import CarbonscaleError
-from carbonscale.flap import FlapDamper, FlapStore, write_atomically
+from carbonscale.flap import (
+    FlapDamper,
+    FlapStore,
+    PlannedRestarts,
+    key_host,
+    last_resort,
+    write_atomically,
+)
 from carbonscale.health import PROBES, damper_from
 from carbonscale.lvs import DEFAULT_SCHEDULER
 
@@ -177,10 +186,24 @@ class Pool:
         """One round: probe, damp, persist; usable flag by check key."""
         probed = self.probe_all()
         now = time.time() if now is None else now
+        planned = PlannedRestarts(os.path.dirname(os.path.abspath(self.state_path))).active(now)
         usable = {}
         with FlapStore(self.state_path) as store:
             for key, up in probed.items():
-                usable[key] = self.damper.observe(store.get(key), up, now)
+                usable[key] = self.damper.observe(
+                    store.get(key), up, now, planned=key_host(key) in planned
+                )
+            for svc in self.services:
+                keys = [svc.key(address) for address, _ in svc.servers]
+                kept = last_resort([(k, store.get(k)) for k in keys], now, self.damper)
+                if kept is not None:
+                    usable[kept] = True
+                    log.warning(
+                        "%s: every server that is up is suppressed for flapping; "
+                        "%s stays in the pool (lowest penalty)",
+                        svc.name,
+                        kept,
+                    )
         return usable
 
     # -- nginx
