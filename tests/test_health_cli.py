@@ -133,9 +133,11 @@ def test_damped_check_releases_when_the_formula_says(tmp_path):
     assert result.state.penalty == pytest.approx(peak)
     release = 4 + 60 * math.log2(peak / 10)
     assert result.release == pytest.approx(release)
-    port = listener.port
-    assert not damped_check("tcp", "127.0.0.1", port, damper, state, now=release - 0.01, **age).usable
-    assert damped_check("tcp", "127.0.0.1", port, damper, state, now=release + 0.01, **age).usable
+    at = lambda now: damped_check(  # noqa: E731
+        "tcp", "127.0.0.1", listener.port, damper, state, now=now, **age
+    )
+    assert not at(release - 0.01).usable
+    assert at(release + 0.01).usable
     partner.close()
 
 

@@ -63,6 +63,49 @@ def statsd_admin_health(host: str, port: int, timeout: float = 1.0) -> bool:
     return words[-1:] == [b"up"]
 
 
+def proxied_path(host: str, port: int, timeout: float = 1.0, hold: float = 0.3) -> tuple[bool, str]:
+    """Whether a TCP proxy (the directors' nginx) on host:port reaches a relay.
+
+    An accepting proxy proves nothing by itself: nginx accepts, then closes
+    the client when it cannot open a socket to a relay (EMFILE) or reach
+    any; a proxy out of descriptors does not accept at all and the kernel
+    completes the handshake into the backlog. So: connect; the connection
+    must stay open for `hold` seconds (nginx closes or resets at once when
+    no relay can be reached); then half-close, and the proxy must answer
+    with its own close within `timeout` (a connection nobody accepted never
+    sees one). The relays speak only after their client, so no data is
+    sent and none arrives. Returns (ok, what happened).
+    """
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        return False, f"connect failed: {exc.strerror or exc}"
+    with sock:
+        sock.settimeout(hold)
+        try:
+            data = sock.recv(1)
+        except TimeoutError:
+            data = None  # still open: the proxy holds a connection to a relay
+        except OSError as exc:
+            return False, f"reset within {hold:g} s: {exc.strerror or exc}"
+        if data == b"":
+            return False, f"closed by the proxy within {hold:g} s (no relay reachable)"
+        if data:
+            return True, "the relay answered"
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        try:
+            data = sock.recv(1)
+        except TimeoutError:
+            return False, (
+                f"no close within {timeout:g} s of ours: the proxy never accepted "
+                "the connection (out of descriptors?)"
+            )
+        except OSError as exc:
+            return False, f"reset after our close: {exc.strerror or exc}"
+    return True, "proxied to a relay and closed cleanly"
+
+
 PROBES = {"tcp": tcp_connect, "statsd": statsd_admin_health}
 
 

@@ -8,6 +8,13 @@ servers that failed their check or are suppressed for flapping; nginx
 validates every new file before the reload. A service never loses its last
 server that is up to damping, and a host's planned restart (planned.json
 next to the flap state) adds no penalty.
+
+Every round also proves this director's own data path: a connection through
+nginx to a relay on each TCP service port (`carbonscale.health.proxied_path`).
+The verdict goes to a status file (`ok EPOCH` or `fail EPOCH why`) that
+keepalived's track script only reads: a fork of a tiny shell script, light
+on a loaded machine, where a Python check per second timed out. A status
+that is old (this daemon stuck or gone) fails the track script too.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from carbonscale.flap import (
     last_resort,
     write_atomically,
 )
-from carbonscale.health import PROBES, damper_from
+from carbonscale.health import PROBES, damper_from, proxied_path
 from carbonscale.lvs import DEFAULT_SCHEDULER
 
 log = logging.getLogger("carbonscale.lvs_pool")
@@ -89,7 +96,8 @@ class Pool:
     servers: [{address, weight}]}] (a service without servers takes the
     top-level `servers`), upstreams (the file nginx includes in its
     stream block), state (flap state file), interval, timeout, flap {...},
-    test and reload (argv lists).
+    test and reload (argv lists), path {status, ports, host, hold}: the
+    proxied-path check of this director's nginx and its status file.
     """
 
     services: list[PoolService]
@@ -103,6 +111,10 @@ class Pool:
         default_factory=lambda: ["systemctl", "try-reload-or-restart", "nginx"]
     )
     source: str = "?"
+    path_status: str | None = None
+    path_ports: list[int] = field(default_factory=list)
+    path_host: str = "127.0.0.1"
+    path_hold: float = 0.3
 
     @classmethod
     def load(cls, path: str) -> Pool:
@@ -155,6 +167,12 @@ class Pool:
                 kwargs["test_cmd"] = list(raw["test"])
             if "reload" in raw:
                 kwargs["reload_cmd"] = list(raw["reload"])
+            if raw.get("path"):
+                path = raw["path"]
+                kwargs["path_status"] = str(path["status"])
+                kwargs["path_ports"] = [int(p) for p in path["ports"]]
+                kwargs["path_host"] = str(path.get("host", "127.0.0.1"))
+                kwargs["path_hold"] = float(path.get("hold", 0.3))
             return cls(
                 services=services,
                 upstreams=raw["upstreams"],
@@ -288,12 +306,40 @@ class Pool:
             return None  # try again next round
         return applied
 
+    # -- this director's own data path
+
+    def check_path(self, now: float | None = None) -> tuple[bool, str]:
+        """Probe nginx's proxied path on every path port; write the status file."""
+        with ThreadPoolExecutor(max_workers=len(self.path_ports) or 1) as pool:
+            results = list(
+                pool.map(
+                    lambda port: proxied_path(self.path_host, port, self.timeout, self.path_hold),
+                    self.path_ports,
+                )
+            )
+        verdicts = zip(self.path_ports, results, strict=True)
+        failed = [f"{port}: {why}" for port, (ok, why) in verdicts if not ok]
+        ok = not failed
+        why = "; ".join(failed) or "every port proxies to a relay"
+        stamp = int(time.time() if now is None else now)
+        if self.path_status:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path_status)), exist_ok=True)
+            line = f"ok {stamp}" if ok else f"fail {stamp} {why}"
+            write_atomically(self.path_status, line + "\n", 0o644)
+        return ok, why
+
     def run(self, rounds: int | None = None) -> None:
         applied = None
         done = 0
+        path_ok = None
         while rounds is None or done < rounds:
             started = time.monotonic()
             applied = self.step(applied=applied)
+            if self.path_ports:
+                ok, why = self.check_path()
+                if ok != path_ok:
+                    (log.info if ok else log.error)("data path through nginx: %s", why)
+                path_ok = ok
             done += 1
             if rounds is None or done < rounds:
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))

@@ -6,6 +6,8 @@ down or suppressed for flapping. `carbonscale health pool CONFIG` is the
 checker of the userspace pool (nginx stream) on directors without IPVS.
 `carbonscale health planned HOST --seconds N` announces a restart of HOST on a
 director: its checks' state changes in the next N seconds are no flaps.
+`carbonscale health path HOST PORT` proves a TCP proxy on HOST:PORT reaches a
+relay (the pool daemon runs it every round for keepalived's track script).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from carbonscale.flap import (
     DEFAULT_SUPPRESS_LIMIT,
     PlannedRestarts,
 )
-from carbonscale.health import damped_check, damper_from
+from carbonscale.health import damped_check, damper_from, proxied_path
 from carbonscale.lvs_pool import Pool
 
 
@@ -96,6 +98,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pool.add_argument("--rounds", type=int, help="stop after N rounds (default: run forever)")
     pool.set_defaults(func=run_pool)
 
+    path = verbs.add_parser(
+        "path",
+        help="prove a TCP proxy (the directors' nginx) reaches a relay; exit 0 yes, 1 no",
+        description=(
+            "Connect through the proxy; the connection must stay open for --hold seconds "
+            "(a proxy that reaches no relay closes it) and close cleanly within --timeout "
+            "once we close ours (a connection nobody accepted never does)."
+        ),
+    )
+    path.add_argument("host")
+    path.add_argument("port", type=int)
+    path.add_argument("--timeout", type=float, default=1.0, help="seconds (default %(default)g)")
+    path.add_argument("--hold", type=float, default=0.3, help="seconds (default %(default)g)")
+    path.set_defaults(func=run_path)
+
     planned = verbs.add_parser(
         "planned",
         help="announce a planned restart of a host: no flap penalty for N seconds",
@@ -156,3 +173,9 @@ def run_planned(args: argparse.Namespace) -> int:
     else:
         print(f"{args.host}: no restart planned")
     return ExitStatus.OK
+
+
+def run_path(args: argparse.Namespace) -> int:
+    ok, why = proxied_path(args.host, args.port, args.timeout, args.hold)
+    print(f"path {args.host}:{args.port} {'ok' if ok else 'failed'}: {why}")
+    return ExitStatus.OK if ok else ExitStatus.PROBLEM
