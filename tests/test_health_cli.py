@@ -21,15 +21,16 @@ CLI = [sys.executable, "-m", "carbonscale"]
 class Listener:
     """A TCP listener that can be closed and reopened on the same port."""
 
-    def __init__(self):
+    def __init__(self, host="127.0.0.1", port=None):
         self.sock = None
-        self.port = None
+        self.host = host
+        self.port = port
         self.open()
 
     def open(self):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port or 0))
+        sock.bind((self.host, self.port or 0))
         sock.listen(16)
         self.port = sock.getsockname()[1]
         self.sock = sock
@@ -66,9 +67,13 @@ def test_cli_check_exit_codes(tmp_path):
 
 
 def test_cli_flapping_server_stays_out_while_up(tmp_path):
+    # Two servers of one service (same check, same port): the steady one on
+    # 127.0.0.2 keeps the service usable, so the flapping one may stay out.
     listener = Listener()
+    steady = Listener("127.0.0.2", listener.port)
     state = str(tmp_path / "flap.json")
     args = ("tcp", "127.0.0.1", str(listener.port), "--state", state)
+    assert run_cli("tcp", "127.0.0.2", str(listener.port), "--state", state).returncode == 0
     assert run_cli(*args).returncode == 0
     # down, up, down, up: four changes within a second, penalty ~40 > 25.
     for _ in range(2):
@@ -82,6 +87,13 @@ def test_cli_flapping_server_stays_out_while_up(tmp_path):
     assert saved["suppressed"] is True and saved["up"] is True
     # Undamped (no --state), the same server is simply up.
     assert run_cli("tcp", "127.0.0.1", str(listener.port)).returncode == 0
+    # The steady server stops: the suppressed one is the service's last
+    # server that is up, and damping never takes that one out.
+    steady.close()
+    assert run_cli("tcp", "127.0.0.2", str(listener.port), "--state", state).returncode == 1
+    kept = run_cli(*args)
+    assert kept.returncode == 0, kept.stdout
+    assert "but kept: no other server of this service is usable" in kept.stdout
 
 
 def test_cli_bad_input_exits_2(tmp_path):
@@ -98,9 +110,14 @@ def test_damped_check_releases_when_the_formula_says(tmp_path):
     listener = Listener()
     damper = FlapDamper(half_life=60.0, reuse_limit=10.0, suppress_limit=25.0, penalty=10.0)
     state = str(tmp_path / "flap.json")
+    # A steady second server of the service, checked once, counts for the
+    # whole test: without one the suppressed server would be its last resort.
+    partner = Listener("127.0.0.2", listener.port)
+    age = {"peer_max_age": 1e9}
+    assert damped_check("tcp", "127.0.0.2", listener.port, damper, state, now=0.0, **age).usable
     times = iter(range(100))
     check = lambda: damped_check(  # noqa: E731
-        "tcp", "127.0.0.1", listener.port, damper, state, now=float(next(times))
+        "tcp", "127.0.0.1", listener.port, damper, state, now=float(next(times)), **age
     )
     assert check().usable
     listener.close()
@@ -116,10 +133,12 @@ def test_damped_check_releases_when_the_formula_says(tmp_path):
     assert result.state.penalty == pytest.approx(peak)
     release = 4 + 60 * math.log2(peak / 10)
     assert result.release == pytest.approx(release)
-    assert not damped_check(
-        "tcp", "127.0.0.1", listener.port, damper, state, now=release - 0.01
-    ).usable
-    assert damped_check("tcp", "127.0.0.1", listener.port, damper, state, now=release + 0.01).usable
+    at = lambda now: damped_check(  # noqa: E731
+        "tcp", "127.0.0.1", listener.port, damper, state, now=now, **age
+    )
+    assert not at(release - 0.01).usable
+    assert at(release + 0.01).usable
+    partner.close()
 
 
 def pool_config(tmp_path, ports, **extra):
@@ -184,18 +203,24 @@ def test_pool_keeps_old_upstreams_when_nginx_refuses(tmp_path):
 
 def test_pool_flapping_server_stays_out_until_release(tmp_path):
     steady, flappy = Listener(), Listener()
+    # The statsd service's second server, on the same check port, keeps the
+    # service usable while the first one is suppressed.
+    partner = Listener("127.0.0.2", flappy.port)
     pool = pool_config(tmp_path, [steady.port, flappy.port])
+    pool.services[1].servers.append(("127.0.0.2", 1))
     key = f"tcp/127.0.0.1:{flappy.port}"
     applied = pool.step(now=0.0)
     for t in (1.0, 2.0, 3.0, 4.0):
         (flappy.close if t % 2 else flappy.open)()
         applied = pool.step(now=t, applied=applied)
-    assert "8125 weight=3 down" in applied  # up again, but suppressed
+    assert "127.0.0.1:8125 weight=3 down" in applied  # up again, but suppressed
+    assert "127.0.0.2:8125 weight=1;" in applied
     with open(pool.state_path) as handle:
         state = json.load(handle)[key]
     release = 4.0 + 60 * math.log2(state["penalty"] / 10)
     assert "8125 weight=3 down" in pool.step(now=release - 0.01, applied=applied)
     assert "8125 weight=3;" in pool.step(now=release + 0.01, applied=applied)
+    partner.close()
 
 
 def test_pool_refuses_unknown_scheduler(tmp_path):

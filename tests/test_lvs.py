@@ -186,6 +186,11 @@ def test_rendered_ipvs_config_has_every_virtual_server(rendered):
     assert "auth_pass secret12" in vrrp
     assert "unicast_src_ip 10.0.0.11" in vrrp and "unicast_peer {\n        10.0.0.12\n" in vrrp
     assert "10.0.0.100/32 dev eth0" in vrrp and "10.0.0.101/32 dev eth0" in vrrp
+    # A returning director does not take the VIPs back (issue 19, item 4).
+    assert "\n    state BACKUP\n    nopreempt\n" in vrrp
+    # IPVS: the master's connection table is synced to the backups.
+    global_defs = text.split("global_defs {")[1].split("\n}\n")[0]
+    assert "\n    lvs_sync_daemon eth0 carbonscale id 51" in global_defs
 
 
 def _keepalived_version() -> tuple[int, ...]:
@@ -224,6 +229,9 @@ def test_a_missing_script_user_is_refused(rendered, tmp_path):
         ("lvs_sched wlc", "lvs_sched fastest", "Invalid lvs_scheduler 'fastest'"),
         ("lvs_method DR", "lvs_method XX", "unknown [XX] routing method"),
         ("    ops\n", "    ops\n    }\n", "Unknown keyword 'real_server'"),
+        # nopreempt only holds for directors that start as BACKUP.
+        ("    state BACKUP\n", "    state MASTER\n", "nopreempt will not work with initial state"),
+        ("carbonscale id 51", "carbonscale id 999", "Invalid syncid (999)"),
     ],
 )
 def test_keepalived_refuses_a_broken_config(rendered, tmp_path, old, new, message):

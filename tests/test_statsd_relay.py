@@ -34,6 +34,7 @@ from carbonscale.relay.statsd import (
     parse_backends,
     place,
     primary,
+    refused_samples,
 )
 from carbonscale.ring import fnv1a_64
 
@@ -255,11 +256,11 @@ def test_c_and_python_routing_agree():
     results = []
     for route in (statsd.route, statsd.route_py):
         pending = [[] for _ in range(2 * count + 1)]
-        metrics, malformed, misses = route(data, first, usable, second, pending)
-        results.append((metrics, malformed, misses, pending))
+        metrics, malformed, refused, misses = route(data, first, usable, second, pending)
+        results.append((metrics, malformed, refused, misses, pending))
     assert results[0] == results[1]
-    metrics, malformed, misses, pending = results[0]
-    assert metrics > 10000 and malformed > 1000 and misses and all(pending)
+    metrics, malformed, refused, misses, pending = results[0]
+    assert metrics > 10000 and malformed > 1000 and refused > 100 and misses and all(pending)
     with pytest.raises(ValueError):
         statsd.route(data, first, usable, second, [[]])
     with pytest.raises(ValueError):
@@ -731,10 +732,10 @@ def test_daemon_keeps_a_flapping_backend_out_until_stable():
 def _fuzz_datagrams(count: int, seed: int) -> list[bytes]:
     rng = random.Random(seed)
     names = [n.decode() for n in _random_names(300, seed=seed)]
-    types = ["c", "g", "ms", "s", "h", "c|@0.1", "ms|@0.5|#tag:x"]
+    types = ["c", "g", "ms", "s", "h", "c|@0.1", "ms|@0.5|#tag:x", "c|@0", "c|@-1", "g|@inf"]
 
     def valid_line() -> bytes:
-        value = rng.choice(["1", "-2", "+3", "0.5", "1e3", "abc", ""])
+        value = rng.choice(["1", "-2", "+3", "0.5", "1e3", "abc", "", "inf", "NaN", "1e400"])
         return f"{rng.choice(names)}:{value}|{rng.choice(types)}".encode()
 
     def valid_datagram() -> bytes:
@@ -774,9 +775,11 @@ def _fuzz_datagrams(count: int, seed: int) -> list[bytes]:
     return datagrams
 
 
-def _expected(datagrams: list[bytes]) -> tuple[int, list[bytes]]:
-    """Non-empty lines, and the routable ones (a name before ':', a '|' after)."""
-    metrics, routable = 0, []
+def _expected(datagrams: list[bytes]) -> tuple[int, list[bytes], int]:
+    """Non-empty lines, the routable ones (a name before ':', a '|' after, and
+    samples statsd can store: route_py's refused_samples, which the daemon's C
+    loop must agree with), and how many were refused."""
+    metrics, routable, refused = 0, [], 0
     for datagram in datagrams:
         for line in datagram.split(b"\n"):
             if not line:
@@ -784,13 +787,16 @@ def _expected(datagrams: list[bytes]) -> tuple[int, list[bytes]]:
             metrics += 1
             colon = line.find(b":")
             if colon >= 1 and b"|" in line[colon:]:
-                routable.append(line)
-    return metrics, routable
+                if refused_samples(line[colon + 1 :]):
+                    refused += 1
+                else:
+                    routable.append(line)
+    return metrics, routable, refused
 
 
 def test_fuzz_100k_datagrams_relay_survives_and_counts_every_drop():
     datagrams = _fuzz_datagrams(100_000, seed=2024)
-    metrics, routable = _expected(datagrams)
+    metrics, routable, refused = _expected(datagrams)
     relay = Relay(4, "--carbon", "none", "--packet-size", "1400")
     try:
         relay.send(datagrams, pace=1000)
@@ -810,10 +816,12 @@ def test_fuzz_100k_datagrams_relay_survives_and_counts_every_drop():
         assert stats["datagrams_dropped_kernel"] == 0
         assert stats["datagrams_received"] == len(datagrams)
         assert stats["metrics_received"] == metrics
-        assert stats["metrics_malformed"] == metrics - len(routable)
+        assert stats["metrics_refused"] == refused > 1000
+        assert stats["metrics_malformed"] == metrics - len(routable) - refused
         assert (
             stats["metrics_forwarded"]
             + stats["metrics_malformed"]
+            + stats["metrics_refused"]
             + stats["metrics_no_backend"]
             + stats["metrics_send_failed"]
             == stats["metrics_received"]

@@ -9,6 +9,16 @@ A backend is suppressed (kept out of the pool whatever its last check said)
 once P exceeds `suppress_limit`, and released once P falls below
 `reuse_limit`. The seed ran half-life 60 s, reuse limit 10, suppress limit 25.
 
+Two rules keep damping from closing the front door:
+
+- a planned restart (a deploy, a migration) is no flap: the relay role marks
+  its host planned on every director (`PlannedRestarts`, `carbonscale health
+  planned HOST --seconds N`) before it restarts, and a change inside that
+  window adds no penalty;
+- damping never suppresses the last usable server of a service: when every
+  server that is up is suppressed, the one with the lowest penalty is used
+  (`last_resort`). Down servers stay out; damping only ever delays a return.
+
 Health checks run as separate processes (keepalived's MISC_CHECK, the statsd
 relay's checker), so the state is kept in a small JSON file between runs:
 `FlapStore`.
@@ -30,6 +40,10 @@ DEFAULT_HALF_LIFE = 60.0
 DEFAULT_REUSE_LIMIT = 10.0
 DEFAULT_SUPPRESS_LIMIT = 25.0
 DEFAULT_PENALTY = 10.0
+# Where the directors keep their flap state and planned restarts (the
+# lvs_director role's lvs_director_state_dir).
+DEFAULT_STATE_DIR = "/var/lib/carbonscale/lvs"
+PLANNED_FILE = "planned.json"
 
 
 @dataclass
@@ -103,17 +117,22 @@ class FlapDamper:
             state.suppressed = True
         return state
 
+    def suppressed_at(self, state: FlapState, now: float) -> bool:
+        """Whether `state` is still suppressed at `now`, leaving it unchanged."""
+        return state.suppressed and self.decayed(state, now) >= self.reuse_limit
+
     def is_suppressed(self, state: FlapState, now: float) -> bool:
         self._settle(state, now)
         return state.suppressed
 
-    def observe(self, state: FlapState, up: bool, now: float) -> bool:
+    def observe(self, state: FlapState, up: bool, now: float, planned: bool = False) -> bool:
         """Feed one raw check result; return whether the backend may be used.
 
         A change from the previous result is an event (the first result is
-        not). The backend is usable when it is up and not suppressed.
+        not), unless it is `planned` (a restart announced beforehand). The
+        backend is usable when it is up and not suppressed.
         """
-        if state.up is not None and up != state.up:
+        if state.up is not None and up != state.up and not planned:
             self.event(state, now)
         else:
             self._settle(state, now)
@@ -128,6 +147,19 @@ class FlapDamper:
             return state.updated
         # Solve P * exp(-dt ln2 / h) = reuse for dt.
         return state.updated + self.half_life * math.log2(state.penalty / self.reuse_limit)
+
+
+def last_resort(states: list[tuple[str, FlapState]], now: float, damper: FlapDamper) -> str | None:
+    """The server to use although suppressed, so a service keeps one.
+
+    `states` are one service's servers in config order. None when some server
+    is usable already or none is up; otherwise the up server with the lowest
+    penalty at `now` (the first of equals, so every checker picks the same).
+    """
+    up = [(name, st) for name, st in states if st.up]
+    if not up or any(not damper.suppressed_at(st, now) for _, st in up):
+        return None
+    return min(up, key=lambda item: damper.decayed(item[1], now))[0]
 
 
 def write_atomically(path: str, text: str, mode: int | None = None) -> None:
@@ -199,3 +231,60 @@ class FlapStore:
 
     def get(self, name: str) -> FlapState:
         return self.states.setdefault(name, FlapState())
+
+
+class PlannedRestarts:
+    """Hosts whose restart is planned, each until a time: `planned.json` in
+    the directors' state directory, written by `carbonscale health planned`
+    (the relay role's handler, before it restarts a relay) and read by every
+    check run. A lock serializes writers (relays restarting together); readers
+    need none, the file is replaced by a rename."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, PLANNED_FILE)
+
+    def load(self) -> dict[str, float]:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                raw = json.load(handle)
+            return {str(host): float(until) for host, until in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, TypeError, AttributeError):
+            # A damaged file plans nothing: every change counts again.
+            return {}
+
+    def active(self, now: float) -> set[str]:
+        return {host for host, until in self.load().items() if until > now}
+
+    def mark(self, host: str, seconds: float, now: float) -> float:
+        """Plan `host` for `seconds` from `now` (0 ends the window); the end."""
+        if not 0 <= seconds <= 86400:
+            raise CarbonscaleError(f"a planned restart lasts 0-86400 seconds, got {seconds:g}")
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CarbonscaleError(
+                f"cannot open planned restarts {self.path}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Expired windows are dropped so the file does not grow forever.
+            planned = {h: u for h, u in self.load().items() if u > now}
+            until = now + seconds
+            if seconds:
+                planned[host] = until
+            else:
+                planned.pop(host, None)
+            # Readable by the unprivileged user keepalived runs checks as.
+            write_atomically(self.path, json.dumps(planned), 0o644)
+            return until
+        finally:
+            os.close(lock)
+
+
+def key_host(key: str) -> str:
+    """The host of a check key `kind/host:port`."""
+    return key.split("/", 1)[-1].rsplit(":", 1)[0]

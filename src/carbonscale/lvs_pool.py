@@ -5,7 +5,16 @@ Where the kernel has no IPVS, the lvs_director role runs this daemon
 probes of `carbonscale.health` through flap damping (`carbonscale.flap`) and
 rewrites nginx's upstreams when the usable set changes, marking `down` the
 servers that failed their check or are suppressed for flapping; nginx
-validates every new file before the reload.
+validates every new file before the reload. A service never loses its last
+server that is up to damping, and a host's planned restart (planned.json
+next to the flap state) adds no penalty.
+
+Every round also proves this director's own data path: a connection through
+nginx to a relay on each TCP service port (`carbonscale.health.proxied_path`).
+The verdict goes to a status file (`ok EPOCH` or `fail EPOCH why`) that
+keepalived's track script only reads: a fork of a tiny shell script, light
+on a loaded machine, where a Python check per second timed out. A status
+that is old (this daemon stuck or gone) fails the track script too.
 """
 
 from __future__ import annotations
@@ -19,8 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from carbonscale import CarbonscaleError
-from carbonscale.flap import FlapDamper, FlapStore, write_atomically
-from carbonscale.health import PROBES, damper_from
+from carbonscale.flap import (
+    FlapDamper,
+    FlapStore,
+    PlannedRestarts,
+    key_host,
+    last_resort,
+    write_atomically,
+)
+from carbonscale.health import PROBES, damper_from, proxied_path
 from carbonscale.lvs import DEFAULT_SCHEDULER
 
 log = logging.getLogger("carbonscale.lvs_pool")
@@ -80,7 +96,8 @@ class Pool:
     servers: [{address, weight}]}] (a service without servers takes the
     top-level `servers`), upstreams (the file nginx includes in its
     stream block), state (flap state file), interval, timeout, flap {...},
-    test and reload (argv lists).
+    test and reload (argv lists), path {status, ports, host, hold}: the
+    proxied-path check of this director's nginx and its status file.
     """
 
     services: list[PoolService]
@@ -94,6 +111,10 @@ class Pool:
         default_factory=lambda: ["systemctl", "try-reload-or-restart", "nginx"]
     )
     source: str = "?"
+    path_status: str | None = None
+    path_ports: list[int] = field(default_factory=list)
+    path_host: str = "127.0.0.1"
+    path_hold: float = 0.3
 
     @classmethod
     def load(cls, path: str) -> Pool:
@@ -146,6 +167,12 @@ class Pool:
                 kwargs["test_cmd"] = list(raw["test"])
             if "reload" in raw:
                 kwargs["reload_cmd"] = list(raw["reload"])
+            if raw.get("path"):
+                path = raw["path"]
+                kwargs["path_status"] = str(path["status"])
+                kwargs["path_ports"] = [int(p) for p in path["ports"]]
+                kwargs["path_host"] = str(path.get("host", "127.0.0.1"))
+                kwargs["path_hold"] = float(path.get("hold", 0.3))
             return cls(
                 services=services,
                 upstreams=raw["upstreams"],
@@ -177,10 +204,24 @@ class Pool:
         """One round: probe, damp, persist; usable flag by check key."""
         probed = self.probe_all()
         now = time.time() if now is None else now
+        planned = PlannedRestarts(os.path.dirname(os.path.abspath(self.state_path))).active(now)
         usable = {}
         with FlapStore(self.state_path) as store:
             for key, up in probed.items():
-                usable[key] = self.damper.observe(store.get(key), up, now)
+                usable[key] = self.damper.observe(
+                    store.get(key), up, now, planned=key_host(key) in planned
+                )
+            for svc in self.services:
+                keys = [svc.key(address) for address, _ in svc.servers]
+                kept = last_resort([(k, store.get(k)) for k in keys], now, self.damper)
+                if kept is not None:
+                    usable[kept] = True
+                    log.warning(
+                        "%s: every server that is up is suppressed for flapping; "
+                        "%s stays in the pool (lowest penalty)",
+                        svc.name,
+                        kept,
+                    )
         return usable
 
     # -- nginx
@@ -265,12 +306,40 @@ class Pool:
             return None  # try again next round
         return applied
 
+    # -- this director's own data path
+
+    def check_path(self, now: float | None = None) -> tuple[bool, str]:
+        """Probe nginx's proxied path on every path port; write the status file."""
+        with ThreadPoolExecutor(max_workers=len(self.path_ports) or 1) as pool:
+            results = list(
+                pool.map(
+                    lambda port: proxied_path(self.path_host, port, self.timeout, self.path_hold),
+                    self.path_ports,
+                )
+            )
+        verdicts = zip(self.path_ports, results, strict=True)
+        failed = [f"{port}: {why}" for port, (ok, why) in verdicts if not ok]
+        ok = not failed
+        why = "; ".join(failed) or "every port proxies to a relay"
+        stamp = int(time.time() if now is None else now)
+        if self.path_status:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path_status)), exist_ok=True)
+            line = f"ok {stamp}" if ok else f"fail {stamp} {why}"
+            write_atomically(self.path_status, line + "\n", 0o644)
+        return ok, why
+
     def run(self, rounds: int | None = None) -> None:
         applied = None
         done = 0
+        path_ok = None
         while rounds is None or done < rounds:
             started = time.monotonic()
             applied = self.step(applied=applied)
+            if self.path_ports:
+                ok, why = self.check_path()
+                if ok != path_ok:
+                    (log.info if ok else log.error)("data path through nginx: %s", why)
+                path_ok = ok
             done += 1
             if rounds is None or done < rounds:
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))

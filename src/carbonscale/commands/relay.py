@@ -66,6 +66,13 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         "carbon's)",
     )
     parser.add_argument(
+        "--max-buffered",
+        type=int,
+        default=Settings.max_buffered,
+        help="bytes of unfinished frames held for all clients together; the client that "
+        "pushes over is closed and counted (frames_refused_memory; default %(default)s)",
+    )
+    parser.add_argument(
         "--max-name",
         type=int,
         default=Settings.max_name,
@@ -134,6 +141,7 @@ def run_pickle(args: argparse.Namespace) -> int:
         listen=parse_hostport(args.listen, "--listen", allow_any=True),
         upstream=parse_hostport(args.upstream, "--upstream"),
         max_frame=args.max_frame,
+        max_buffered=args.max_buffered,
         max_name=args.max_name,
         max_output=args.max_output,
         queue_size=args.queue_size,

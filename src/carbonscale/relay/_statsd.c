@@ -13,7 +13,7 @@
  *   send_many(fd, datagrams) -> int
  *       Send a sequence of bytes on a connected socket; returns how many
  *       were sent before the socket would block.
- *   route(data, first, usable, second, pending) -> (metrics, malformed, misses)
+ *   route(data, first, usable, second, pending) -> (metrics, malformed, refused, misses)
  *       See route_py in relay/statsd/placement.py: the same, line for line.
  */
 #define _GNU_SOURCE
@@ -21,8 +21,10 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -152,6 +154,83 @@ static Py_ssize_t slot_of(PyObject *value, Py_ssize_t limit) {
     return slot;
 }
 
+/* A statsd value or sample rate as a number: 0 when it is none (the daemon
+ * judges those), 1 finite (in *out), 2 not finite (inf, infinity, nan in any
+ * case, or a decimal that overflows), -1 out of memory. Decimal means
+ * [+-]?(D+(.D*)?|.D+)([eE][+-]?D+)?, which strtod and Python's float() read
+ * alike (number_of in placement.py). */
+static int number_of(const char *s, size_t n, double *out) {
+    size_t i = 0;
+    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+    size_t rest = n - i;
+    if ((rest == 3 && (!strncasecmp(s + i, "inf", 3) || !strncasecmp(s + i, "nan", 3))) ||
+        (rest == 8 && !strncasecmp(s + i, "infinity", 8)))
+        return 2;
+    size_t digits = 0;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
+    if (i < n && s[i] == '.') {
+        i++;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
+    }
+    if (!digits) return 0;
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        size_t exponent = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++, exponent++;
+        if (!exponent) return 0;
+    }
+    if (i != n) return 0;
+    char small[64];
+    char *buf = n < sizeof small ? small : malloc(n + 1);
+    if (!buf) return -1;
+    memcpy(buf, s, n);
+    buf[n] = '\0';
+    *out = strtod(buf, NULL);
+    if (buf != small) free(buf);
+    return isfinite(*out) ? 1 : 2;
+}
+
+/* 1 when a line's samples (the text after the name's ':') would make statsd
+ * store a number carbon cannot: a value that is not finite (sets, type s,
+ * hold any text) or a sample rate (@RATE) that is not a positive finite
+ * number (@0 makes a counter infinite); 0 when not; -1 out of memory. */
+static int refused_samples(const char *p, const char *end) {
+    while (p <= end) {
+        const char *colon = memchr(p, ':', (size_t)(end - p));
+        const char *seg_end = colon ? colon : end;
+        const char *bar = memchr(p, '|', (size_t)(seg_end - p));
+        if (bar) {
+            const char *type = bar + 1;
+            const char *type_end = memchr(type, '|', (size_t)(seg_end - type));
+            if (!type_end) type_end = seg_end;
+            double value;
+            if (!(type_end - type == 1 && *type == 's')) {
+                int kind = number_of(p, (size_t)(bar - p), &value);
+                if (kind) {
+                    if (kind < 0) return -1;
+                    if (kind == 2) return 1;
+                }
+            }
+            const char *field = type_end;
+            while (field < seg_end) {
+                field++;
+                const char *field_end = memchr(field, '|', (size_t)(seg_end - field));
+                if (!field_end) field_end = seg_end;
+                if (field < field_end && *field == '@') {
+                    int kind = number_of(field + 1, (size_t)(field_end - field - 1), &value);
+                    if (kind < 0) return -1;
+                    if (kind == 2 || (kind == 1 && value <= 0)) return 1;
+                }
+                field = field_end;
+            }
+        }
+        if (!colon) break;
+        p = colon + 1;
+    }
+    return 0;
+}
+
 static PyObject *route(PyObject *self, PyObject *args) {
     Py_buffer data, usable;
     PyObject *first, *second, *pending;
@@ -167,7 +246,7 @@ static PyObject *route(PyObject *self, PyObject *args) {
     }
     misses = PyList_New(0);
     if (!misses) goto fail;
-    Py_ssize_t metrics = 0, malformed = 0;
+    Py_ssize_t metrics = 0, malformed = 0, refused = 0;
     const char *p = data.buf, *end = p + data.len;
     while (p < end) {
         const char *newline = memchr(p, '\n', (size_t)(end - p));
@@ -176,8 +255,15 @@ static PyObject *route(PyObject *self, PyObject *args) {
         if (length) {
             metrics++;
             const char *colon = memchr(p, ':', (size_t)length);
+            int bad = 0;
             if (!colon || colon == p || !memchr(colon, '|', (size_t)(line_end - colon))) {
                 malformed++;
+            } else if ((bad = refused_samples(colon + 1, line_end)) != 0) {
+                if (bad < 0) {
+                    PyErr_NoMemory();
+                    goto fail;
+                }
+                refused++;
             } else {
                 PyObject *name = PyBytes_FromStringAndSize(p, colon - p);
                 PyObject *line = name ? PyBytes_FromStringAndSize(p, length) : NULL;
@@ -228,7 +314,7 @@ static PyObject *route(PyObject *self, PyObject *args) {
     }
     PyBuffer_Release(&data);
     PyBuffer_Release(&usable);
-    return Py_BuildValue("nnN", metrics, malformed, misses);
+    return Py_BuildValue("nnnN", metrics, malformed, refused, misses);
 fail:
     Py_XDECREF(misses);
     PyBuffer_Release(&data);
@@ -244,7 +330,7 @@ static PyMethodDef methods[] = {
      "send_many(fd, datagrams) -> int: send bytes objects on a connected socket with "
      "sendmmsg; returns how many were sent before it would block."},
     {"route", route, METH_VARARGS,
-     "route(data, first, usable, second, pending) -> (metrics, malformed, misses): "
+     "route(data, first, usable, second, pending) -> (metrics, malformed, refused, misses): "
      "route_py in carbonscale.relay.statsd, in C."},
     {NULL, NULL, 0, NULL},
 };

@@ -10,6 +10,10 @@ One thread, one asyncio loop: per frame the C unpickler and the C formatter
 
 What happens to every point, and the counter that says so:
 - a frame over `max_frame` bytes: `frames_oversized`, connection closed;
+- data that would make the unfinished frames of all clients together hold
+  more than `max_buffered` bytes: `frames_refused_memory`, the connection
+  that pushed over is closed (a slow or stalled sender cannot make the relay
+  hold `max_frame` per connection without bound);
 - a frame that does not unpickle to a list (or needs a global, or has bytes
   after its end): `frames_malformed`, connection closed;
 - a point that cannot be written (bad name, non-number, NaN): `invalid`;
@@ -49,6 +53,7 @@ COUNTERS = (
     "frames",
     "frames_malformed",
     "frames_oversized",
+    "frames_refused_memory",
     "points",
     "invalid",
     "sent",
@@ -58,7 +63,7 @@ COUNTERS = (
     "upstream_connects",
     "upstream_errors",
 )
-GAUGES = ("queued", "clients")
+GAUGES = ("queued", "clients", "buffered")
 
 
 class Throttled:
@@ -246,6 +251,8 @@ class PickleClient(asyncio.Protocol):
         self.peer = "?"
         self.closed = False
         self.last_active = time.monotonic()
+        # Bytes of this client's unfinished frame counted in relay.buffered.
+        self.held = 0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -257,6 +264,12 @@ class PickleClient(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.relay.clients.discard(self)
+        self.buffer.clear()
+        self._account()
+
+    def _account(self) -> None:
+        self.relay.buffered += len(self.buffer) - self.held
+        self.held = len(self.buffer)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -286,6 +299,16 @@ class PickleClient(asyncio.Protocol):
             buffer.clear()
         else:
             del buffer[:pos]
+        self._account()
+        limit = relay.settings.max_buffered
+        if buffer and relay.buffered > limit:
+            relay.counters["frames_refused_memory"] += 1
+            self.reject(
+                f"unfinished frames of all clients would hold {relay.buffered} bytes, over the "
+                f"{limit} byte limit (--max-buffered)"
+            )
+            buffer.clear()
+            self._account()
         relay.upstream.kick()
 
     def reject(self, why: str | None) -> None:
@@ -302,6 +325,8 @@ class PickleRelay:
         self.settings = settings
         self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self.clients: set[PickleClient] = set()
+        # Bytes of unfinished frames held for all clients (max_buffered caps it).
+        self.buffered = 0
         self.throttled = Throttled()
         self.upstream: Upstream | None = None
         self.server: asyncio.AbstractServer | None = None
@@ -332,6 +357,7 @@ class PickleRelay:
         values = dict(self.counters)
         values["queued"] = self.upstream.pending_points() if self.upstream else 0
         values["clients"] = len(self.clients)
+        values["buffered"] = self.buffered
         return values
 
     def report(self) -> None:

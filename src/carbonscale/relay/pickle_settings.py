@@ -15,6 +15,9 @@ class Settings:
     listen: tuple[str | None, int] = (None, 2004)
     upstream: tuple[str, int] = ("127.0.0.1", 2003)
     max_frame: int = lines.DEFAULT_MAX_FRAME
+    # Bytes of unfinished frames held for all clients together: 64 frames of
+    # carbon's largest size. Beyond it the client that pushed over is closed.
+    max_buffered: int = 64 * lines.DEFAULT_MAX_FRAME
     max_name: int = lines.DEFAULT_MAX_NAME
     max_output: int = lines.DEFAULT_MAX_OUTPUT
     queue_size: int = 1_000_000
@@ -31,6 +34,11 @@ class Settings:
         for name in ("max_frame", "max_name", "max_output", "queue_size", "batch_size", "backlog"):
             if getattr(self, name) < 1:
                 raise CarbonscaleError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_buffered < self.max_frame:
+            raise CarbonscaleError(
+                f"--max-buffered ({self.max_buffered}) must be at least --max-frame "
+                f"({self.max_frame}), or one frame of the largest size could never arrive"
+            )
         for name in ("stats_interval", "reconnect_interval", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise CarbonscaleError(f"--{name.replace('_', '-')} must be > 0")

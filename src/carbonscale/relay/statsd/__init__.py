@@ -48,6 +48,7 @@ _HOMES = {
     "C_MALFORMED": "shared",
     "C_METRICS": "shared",
     "C_NO_BACKEND": "shared",
+    "C_REFUSED": "shared",
     "C_REROUTED": "shared",
     "C_SEND_FAILED": "shared",
     "DEFAULT_ADMIN_PORT": "config",
@@ -72,6 +73,8 @@ _HOMES = {
     "primary": "placement",
     "route": "placement",
     "route_py": "placement",
+    "number_of": "placement",
+    "refused_samples": "placement",
     "udp_drops": "supervisor",
     "worker_main": "worker",
 }

@@ -4,6 +4,8 @@ carbon-c-relay's jump replicas while backends are held out.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator, Sequence
 
 from carbonscale.ring import fnv1a_64, jump_hash, xorshift64
@@ -40,13 +42,49 @@ def place(name: bytes, usable: Sequence[bool]) -> int | None:
     return None
 
 
+_DECIMAL = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NOT_FINITE = re.compile(rb"[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
+
+
+def number_of(text: bytes) -> float | None:
+    """A statsd value or sample rate as a number, None when it is none (the
+    daemon judges those). inf, infinity and nan (any case, signed) and decimals
+    that overflow come back not finite. The C extension's number_of."""
+    if _NOT_FINITE.fullmatch(text):
+        return math.inf
+    if _DECIMAL.fullmatch(text):
+        return float(text)
+    return None
+
+
+def refused_samples(samples: bytes) -> bool:
+    """Whether a line's samples (after the name's ':') would make statsd store
+    a number carbon cannot: a value that is not finite (sets, type s, hold any
+    text) or a sample rate `@RATE` that is not a positive finite number (`@0`
+    makes a counter infinite)."""
+    for segment in samples.split(b":"):
+        fields = segment.split(b"|")
+        if len(fields) < 2:
+            continue
+        if fields[1] != b"s":
+            value = number_of(fields[0])
+            if value is not None and not math.isfinite(value):
+                return True
+        for field in fields[2:]:
+            if field.startswith(b"@"):
+                rate = number_of(field[1:])
+                if rate is not None and not (math.isfinite(rate) and rate > 0):
+                    return True
+    return False
+
+
 def route_py(
     data: bytes,
     first: dict[bytes, int],
     usable: bytes,
     second: dict[bytes, int],
     pending: list[list[bytes]],
-) -> tuple[int, int, list[tuple[bytes, bytes]]]:
+) -> tuple[int, int, int, list[tuple[bytes, bytes]]]:
     """Sort the metric lines of `data` into `pending` by cached placement.
 
     A line is `name:value|type...`: a name of at least one byte before the
@@ -55,9 +93,9 @@ def route_py(
     `pending[first[name]]` when that backend is usable (`usable[i]` non-zero),
     else to `pending[second[name]]`; a name missing from the cache it needs
     is returned in `misses` as `(name, line)` for the caller to hash. Returns
-    `(metrics, malformed, misses)`. The C extension's `route` is this loop.
+    `(metrics, malformed, refused, misses)`. The C extension's `route` is this loop.
     """
-    metrics = malformed = 0
+    metrics = malformed = refused = 0
     misses = []
     for line in data.split(b"\n"):
         if not line:
@@ -67,6 +105,9 @@ def route_py(
         if colon < 1 or line.find(b"|", colon) < 0:
             malformed += 1
             continue
+        if refused_samples(line[colon + 1 :]):
+            refused += 1
+            continue
         name = line[:colon]
         index = first.get(name)
         if index is not None and not usable[index]:
@@ -75,7 +116,7 @@ def route_py(
             misses.append((name, line))
         else:
             pending[index].append(line)
-    return metrics, malformed, misses
+    return metrics, malformed, refused, misses
 
 
 try:

@@ -16,6 +16,9 @@ COUNTERS = (
     "metrics_rerouted",
     "metrics_no_backend",
     "metrics_send_failed",
+    # Lines statsd would turn into a number carbon cannot store (a value that
+    # is not finite, a sample rate of 0): dropped here, counted.
+    "metrics_refused",
 )
 
 (
@@ -26,6 +29,7 @@ COUNTERS = (
     C_REROUTED,
     C_NO_BACKEND,
     C_SEND_FAILED,
+    C_REFUSED,
 ) = range(len(COUNTERS))
 
 

@@ -21,6 +21,7 @@ from carbonscale.relay.statsd.shared import (
     C_MALFORMED,
     C_METRICS,
     C_NO_BACKEND,
+    C_REFUSED,
     C_REROUTED,
     C_SEND_FAILED,
     COUNTERS,
@@ -130,13 +131,14 @@ class Worker:
 
     def handle(self, count: int, data: bytes) -> None:
         """Route one batch: `count` datagrams joined by newlines in `data`."""
-        metrics, malformed, misses = route(
+        metrics, malformed, refused, misses = route(
             data, self.first, self.usable_flags, self.second, self.pending
         )
         counters = self.counters
         counters[C_DATAGRAMS] += count
         counters[C_METRICS] += metrics
         counters[C_MALFORMED] += malformed
+        counters[C_REFUSED] += refused
         self.pending_lines += metrics
         # Names not in the caches yet: hash them (carbonscale.ring), remember.
         for name, line in misses:
