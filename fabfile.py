@@ -109,6 +109,15 @@ class Cluster:
             args += ["--member", member]
         return args
 
+    def relay_ports(self) -> dict[str, int]:
+        """The relays' line, pickle and statsd ports (their roles' variables)."""
+        pickle_listen = str(self.tier_var("relays", "pickle_relay_listen", ":2004"))
+        return {
+            "line": int(self.tier_var("relays", "carbon_relay_port", 2003)),
+            "pickle": int(pickle_listen.rpartition(":")[2]),
+            "statsd": int(self.tier_var("relays", "statsd_relay_port", 8125)),
+        }
+
     def address(self, host: str) -> str:
         from carbonscale import CarbonscaleError
         from carbonscale.inventory import host_address
@@ -134,6 +143,14 @@ class Cluster:
         return f"{venv}/bin/carbonscale"
 
 
+def connect_failure(exc: Exception) -> str:
+    """Why a connection failed, in the socket's words (paramiko wraps them)."""
+    errors = getattr(exc, "errors", None)  # NoValidConnectionsError: per address
+    if errors:
+        exc = next(iter(errors.values()))
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 def run_everywhere(cluster: Cluster, hosts: list[str], command_of) -> tuple[dict, dict]:
     """Run command_of(host) on every host in parallel: (JSON answers, failures)."""
 
@@ -145,7 +162,7 @@ def run_everywhere(cluster: Cluster, hosts: list[str], command_of) -> tuple[dict
         except Exception as exc:
             hv = cluster.hostvars[host]
             where = f"{hv.get('ansible_host', host)}:{hv.get('ansible_port', 22)}"
-            return host, None, f"cannot reach {where}: {exc or type(exc).__name__}"
+            return host, None, f"cannot reach {where}: {connect_failure(exc)}"
         if result.exited != 0:
             lines = result.stderr.strip().splitlines() or [f"exit {result.exited}"]
             return host, None, lines[-1]
@@ -291,13 +308,17 @@ def hot_metrics(c, seconds=0, pcap="", inventory=DEFAULT_INVENTORY, on="relays",
     except CarbonscaleError as exc:
         raise Exit(f"fab: error: statsd backends: {exc}", code=2) from None
     statsd = [arg for spec in backends for arg in ("--statsd-backend", spec)]
+    ports = cluster.relay_ports()
+    port_args = [a for kind, port in ports.items() for a in (f"--{kind}-port", str(port))]
     if pcap:
         from carbonscale.ring.build import make_ring
 
         members, hash_type, replication = cluster.ring()
         allowed = str(cluster.tier_var("relays", "carbon_relay_allowed_chars", "-_:#"))
         try:
-            decoder = hotmetrics.decode_capture(pcap)
+            decoder = hotmetrics.decode_capture(
+                pcap, hotmetrics.Decoder([ports["line"]], [ports["pickle"]], [ports["statsd"]])
+            )
             answer = hotmetrics.analyse(
                 decoder, make_ring(members, hash_type, "carbon-c-relay", replication),
                 allowed.encode(), backends, None, 0,
@@ -311,7 +332,16 @@ def hot_metrics(c, seconds=0, pcap="", inventory=DEFAULT_INVENTORY, on="relays",
             cluster,
             hosts,
             lambda h: _verb(
-                cluster, h, "hot-metrics", "--seconds", str(seconds), "--top", "0", *ring, *statsd
+                cluster,
+                h,
+                "hot-metrics",
+                "--seconds",
+                str(seconds),
+                "--top",
+                "0",
+                *ring,
+                *statsd,
+                *port_args,
             ),
         )
     merged = hotmetrics.merge_hot(answers, int(top))
