@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -295,3 +296,37 @@ def test_hot_metrics_of_a_capture_ranks_and_projects_by_the_inventory_ring(
     # The statsd daemons are the relays' statsd_instances (10.9.1.1:8127, :8129).
     assert set(merged["statsd_daemons"]) == {"10.9.1.1:8127:8128", "10.9.1.1:8129:8130"}
     assert round(sum(merged["statsd_daemons"].values()) * seconds) == sum(STATSD.values())
+
+
+def test_hot_metrics_captures_on_the_relays_over_ssh(site, tmp_path):
+    """`--seconds`: tcpdump on each relay (here: the sshd's host, interface any, Linux
+    cooked headers). Loopback-to-loopback line traffic is the pickle relay's own
+    hand-off to carbon-c-relay and is left out, so only pickle and statsd count."""
+    from test_ops import _drain_server, _send_traffic
+
+    if shutil.which("tcpdump") is None or os.geteuid() != 0:
+        pytest.skip("needs tcpdump and root")
+    inventory, _, _ = site
+    stop = threading.Event()
+    servers = [_drain_server(p, stop) for p in (LINE_PORT, PICKLE_PORT)]
+    try:
+        process = subprocess.Popen(
+            [*FAB, "hot-metrics", "-i", str(inventory), "--seconds", "10", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        time.sleep(5)  # ssh, then tcpdump opening its socket
+        _send_traffic()
+        out, err = process.communicate(timeout=120)
+    finally:
+        stop.set()
+        for server in servers:
+            server.close()
+    assert process.returncode == 0, err
+    merged = json.loads(out)
+    assert merged["relays"] == ["relay1"]
+    assert merged["points"] == {
+        "line": 0, "pickle": sum(PICKLE.values()), "statsd": sum(STATSD.values()),
+    }  # fmt: skip
+    assert [n for n, _ in merged["top_metrics"]] == sorted(
+        {**PICKLE, **STATSD}, key={**PICKLE, **STATSD}.get, reverse=True
+    )
