@@ -298,6 +298,18 @@ def test_hot_metrics_of_a_capture_ranks_and_projects_by_the_inventory_ring(
     assert round(sum(merged["statsd_daemons"].values()) * seconds) == sum(STATSD.values())
 
 
+def _capturing() -> bool:
+    """Whether the verb's tcpdump runs (it writes a carbonscale-hot-*.pcap)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"tcpdump\0") and b"carbonscale-hot-" in cmdline:
+            return True
+    return False
+
+
 def test_hot_metrics_captures_on_the_relays_over_ssh(site, tmp_path):
     """`--seconds`: tcpdump on each relay (here: the sshd's host, interface any, Linux
     cooked headers). Loopback-to-loopback line traffic is the pickle relay's own
@@ -311,10 +323,13 @@ def test_hot_metrics_captures_on_the_relays_over_ssh(site, tmp_path):
     servers = [_drain_server(p, stop) for p in (LINE_PORT, PICKLE_PORT)]
     try:
         process = subprocess.Popen(
-            [*FAB, "hot-metrics", "-i", str(inventory), "--seconds", "10", "--json"],
+            [*FAB, "hot-metrics", "-i", str(inventory), "--seconds", "25", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         )  # fmt: skip
-        time.sleep(5)  # ssh, then tcpdump opening its socket
+        deadline = time.monotonic() + 60
+        while not _capturing() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # tcpdump opening its socket after exec
         _send_traffic()
         out, err = process.communicate(timeout=120)
     finally:

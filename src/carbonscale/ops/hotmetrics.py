@@ -343,9 +343,18 @@ class Decoder:
             stream = streams.get(key)
             if stream is None:
                 stream = streams[key] = _Stream(seq, False)
-            if kind == "line" and stream.synced and seq == stream.next_seq and not stream.pending:
+            if stream.synced and seq == stream.next_seq and not stream.pending:
                 # In order: the common case, without the general segment().
                 stream.next_seq = (seq + len(payload)) & 0xFFFFFFFF
+                if kind == "pickle":
+                    buffered = stream.buffer
+                    joined = buffered + payload if buffered else payload
+                    # A frame is complete when its length prefix is covered.
+                    if len(joined) < 4 or int.from_bytes(joined[:4], "big") + 4 > len(joined):
+                        stream.buffer = joined
+                    else:
+                        stream.buffer = self.pickle_frames(stream, joined)
+                    continue
                 if payload[-1:] == b"\n" and not stream.buffer:
                     line_chunks.append(payload)
                     continue
