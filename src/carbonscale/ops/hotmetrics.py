@@ -3,25 +3,23 @@ line (TCP or UDP), pickle (TCP) and statsd (UDP) traffic a relay receives, and
 the load they put on each storage instance (by the ring, after the relay's name
 rewrite) and each statsd daemon (by the statsd relay's placement).
 
-Captures are read with dpkt: pcapng through dpkt.pcapng.Reader; classic pcap is
-opened (magic, byte order, link type, timestamp precision checked) by
-dpkt.pcap.Reader and its records are then walked with dpkt's own record header
-format in one loop, which runs several times faster than building a dpkt object
-per record and per protocol layer (bench/hot_metrics.py measures both). TCP
-payloads are reassembled per connection in sequence order before they are cut
-into lines and pickle frames; a connection seen from its middle starts at its
+Captures are decoded with dpkt: records from dpkt.pcap.Reader or
+dpkt.pcapng.Reader, the link layer by the capture's link type (Ethernet, Linux
+cooked v1 and v2, loopback, raw IP), then dpkt's IP/IP6 and TCP/UDP. What is
+ours is above the transport: TCP payloads are reassembled per connection in
+sequence order before they are cut into lines and pickle frames (decoded by the
+pickle relay's own decoder); a connection seen from its middle starts at its
 first newline (line) or is skipped (pickle: no frame boundary to start from).
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import dpkt
 
@@ -37,16 +35,38 @@ PICKLE_PORTS = (2004,)
 STATSD_PORTS = (8125,)
 PROTOCOLS = ("line", "pickle", "statsd")
 
-# Link types (pcap LINKTYPE_*): where the IP header starts, and how to tell its version.
-_ETHERNET, _SLL, _SLL2, _NULL, _LOOP = 1, 113, 276, 0, 108
-_RAW = (12, 14, 101)
-_IPV4, _IPV6, _VLAN = 0x0800, 0x86DD, 0x8100
-_TCP, _UDP = 6, 17
-_SYN, _FIN, _RST = 0x02, 0x01, 0x04
-# source port, destination port, sequence number, data offset byte, flags byte
-_TCP_HEADER = struct.Struct(">HHI4xBB")
+_IP, _IP6 = dpkt.ip.IP, dpkt.ip6.IP6
+_TCP, _UDP = dpkt.tcp.TCP, dpkt.udp.UDP
+_SYN, _FIN, _RST = dpkt.tcp.TH_SYN, dpkt.tcp.TH_FIN, dpkt.tcp.TH_RST
+_IPV6_FRAGMENT = dpkt.ip.IP_PROTO_FRAGMENT
 # Out-of-order segments held per connection before it is given up as lossy.
 MAX_PENDING = 256
+
+
+def _raw_ip(frame: bytes):
+    return (_IP if frame[:1] and frame[0] >> 4 == 4 else _IP6)(frame)
+
+
+def _network_layer(header) -> Callable[[bytes], object]:
+    def decode(frame: bytes):
+        return header(frame).data
+
+    return decode
+
+
+# Link type (pcap LINKTYPE_*) -> frame -> the dpkt network-layer packet.
+_LINK_TYPES = {
+    dpkt.pcap.DLT_EN10MB: _network_layer(dpkt.ethernet.Ethernet),
+    dpkt.pcap.DLT_LINUX_SLL: _network_layer(dpkt.sll.SLL),
+    dpkt.pcap.DLT_LINUX_SLL2: _network_layer(dpkt.sll2.SLL2),
+    dpkt.pcap.DLT_NULL: _network_layer(dpkt.loopback.Loopback),
+    dpkt.pcap.DLT_LOOP: _network_layer(dpkt.loopback.Loopback),
+    # Raw IP: LINKTYPE_RAW, and the DLT_RAW values of BSDs (dpkt.pcap.DLT_RAW is the
+    # one of the platform it runs on, not of the one that wrote the capture).
+    101: _raw_ip,
+    12: _raw_ip,
+    14: _raw_ip,
+}
 
 
 class CaptureStats:
@@ -55,35 +75,6 @@ class CaptureStats:
         self.first = None
         self.last = None
         self.skipped = Counter()
-
-
-def _classic_records(handle, stats: CaptureStats) -> Iterator[tuple[float, bytes]]:
-    """(timestamp, frame) of every record of a classic pcap, after dpkt.pcap.Reader
-    has checked the file header (the handle is positioned after it)."""
-    data = handle.read()
-    handle.seek(0)
-    magic = handle.read(4)
-    little = struct.unpack("<I", magic)[0] in (
-        dpkt.pcap.TCPDUMP_MAGIC,
-        dpkt.pcap.TCPDUMP_MAGIC_NANO,
-    )
-    nano = struct.unpack("<I" if little else ">I", magic)[0] == dpkt.pcap.TCPDUMP_MAGIC_NANO
-    fields = "".join(f for _, f, _ in dpkt.pcap.PktHdr.__hdr__)
-    header = struct.Struct(("<" if little else ">") + fields)
-    size = header.size
-    divisor = 1e9 if nano else 1e6
-    unpack = header.unpack_from
-    offset, end = 0, len(data)
-    while offset + size <= end:
-        sec, frac, caplen, _ = unpack(data, offset)
-        offset += size
-        if offset + caplen > end:
-            stats.skipped["truncated record at the end"] += 1
-            return
-        yield sec + frac / divisor, data[offset : offset + caplen]
-        offset += caplen
-    if offset != end:
-        stats.skipped["truncated record at the end"] += 1
 
 
 def open_capture(path: str, stats: CaptureStats) -> tuple[int, Iterable[tuple[float, bytes]]]:
@@ -101,15 +92,15 @@ def open_capture(path: str, stats: CaptureStats) -> tuple[int, Iterable[tuple[fl
         except (ValueError, dpkt.dpkt.NeedData, dpkt.dpkt.UnpackError):
             handle.close()
             raise CarbonscaleError(f"{path} is not a pcap or pcapng capture") from None
-        return reader.datalink(), _pcapng_records(reader, stats)
-    return reader.datalink(), _classic_records(handle, stats)
+    return reader.datalink(), _records(reader, handle, stats)
 
 
-def _pcapng_records(reader, stats: CaptureStats) -> Iterator[tuple[float, bytes]]:
-    try:
-        yield from reader
-    except (dpkt.dpkt.NeedData, dpkt.dpkt.UnpackError, ValueError):
-        stats.skipped["truncated record at the end"] += 1
+def _records(reader, handle, stats: CaptureStats) -> Iterator[tuple[float, bytes]]:
+    with handle:
+        try:
+            yield from reader
+        except (dpkt.dpkt.NeedData, dpkt.dpkt.UnpackError, ValueError):
+            stats.skipped["truncated record at the end"] += 1
 
 
 class _Stream:
@@ -123,8 +114,8 @@ class _Stream:
 
 
 class Decoder:
-    """Decodes frames into line-protocol text per protocol (pickle frames through the
-    pickle relay's own decoder) and statsd datagrams."""
+    """Decodes frames (dpkt, down to TCP/UDP) into line-protocol text per protocol
+    (pickle frames through the pickle relay's own decoder) and statsd datagrams."""
 
     def __init__(
         self,
@@ -139,96 +130,111 @@ class Decoder:
         self.streams: dict[tuple, _Stream] = {}
         self.stats = CaptureStats()
 
-    # ----- link and network layers
+    # ----- all records
 
-    def frame(self, linktype: int, frame: bytes) -> None:
-        if linktype == _ETHERNET:
-            ethertype = frame[12] << 8 | frame[13] if len(frame) >= 14 else 0
-            offset = 14
-            if ethertype == _VLAN and len(frame) >= 18:
-                ethertype, offset = frame[16] << 8 | frame[17], 18
-        elif linktype == _SLL:
-            ethertype, offset = (frame[14] << 8 | frame[15], 16) if len(frame) >= 16 else (0, 0)
-        elif linktype == _SLL2:
-            ethertype, offset = (frame[0] << 8 | frame[1], 20) if len(frame) >= 20 else (0, 0)
-        elif linktype in (_NULL, _LOOP):
-            offset = 4
-            ethertype = _IPV4 if len(frame) > 4 and frame[4] >> 4 == 4 else _IPV6
-        elif linktype in _RAW:
-            offset = 0
-            ethertype = _IPV4 if frame and frame[0] >> 4 == 4 else _IPV6
-        else:
+    def feed(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
+        """Every record: dpkt decodes link, IP and TCP/UDP; datagrams are taken whole,
+        TCP segments go through the reassembly."""
+        network_layer = _LINK_TYPES.get(linktype)
+        if network_layer is None:
             raise CarbonscaleError(f"link type {linktype} is not supported (Ethernet, Linux "
                                    "cooked, loopback and raw IP are)")  # fmt: skip
-        if ethertype == _IPV4:
-            self.ipv4(frame, offset)
-        elif ethertype == _IPV6:
-            self.ipv6(frame, offset)
-        else:
-            self.stats.skipped["not IP"] += 1
-
-    def ipv4(self, frame: bytes, offset: int) -> None:
-        if len(frame) < offset + 20:
-            self.stats.skipped["short IP header"] += 1
-            return
-        header = (frame[offset] & 15) * 4
-        end = offset + (frame[offset + 2] << 8 | frame[offset + 3])
-        if frame[offset + 6] & 0x3F or frame[offset + 7]:
-            self.stats.skipped["IP fragments"] += 1
-            return
-        proto = frame[offset + 9]
-        src, dst = frame[offset + 12 : offset + 16], frame[offset + 16 : offset + 20]
-        self.transport(frame, offset + header, min(end, len(frame)), proto, src, dst)
-
-    def ipv6(self, frame: bytes, offset: int) -> None:
-        if len(frame) < offset + 40:
-            self.stats.skipped["short IP header"] += 1
-            return
-        end = offset + 40 + (frame[offset + 4] << 8 | frame[offset + 5])
-        proto = frame[offset + 6]
-        src, dst = frame[offset + 8 : offset + 24], frame[offset + 24 : offset + 40]
-        self.transport(frame, offset + 40, min(end, len(frame)), proto, src, dst)
-
-    # ----- transport
-
-    def transport(self, frame: bytes, at: int, end: int, proto: int, src, dst) -> None:
-        if proto == _UDP:
-            if end < at + 8:
-                return
-            kind = self.kind.get(frame[at + 2] << 8 | frame[at + 3])
-            if kind is None:
-                self.stats.skipped["other ports"] += 1
-            elif kind == "pickle":
-                self.stats.skipped["pickle over UDP"] += 1
+        skipped = self.stats.skipped
+        kinds = self.kind
+        tcp = self.tcp
+        statsd_chunks, line_chunks = self.chunks["statsd"], self.chunks["line"]
+        count = 0
+        first = last = None
+        for stamp, frame in records:
+            if first is None:
+                first = stamp
+            last = stamp
+            count += 1
+            try:
+                ip = network_layer(frame)
+            except (dpkt.dpkt.UnpackError, IndexError):
+                skipped["undecodable frames"] += 1
+                continue
+            kind = type(ip)
+            if kind is _IP:
+                if ip.mf or ip.offset:
+                    skipped["IP fragments"] += 1
+                    continue
+            elif kind is _IP6:
+                if _IPV6_FRAGMENT in ip.extension_hdrs:
+                    skipped["IP fragments"] += 1
+                    continue
             else:
-                payload = frame[at + 8 : end]
-                self.chunks[kind].append(payload if payload.endswith(b"\n") else payload + b"\n")
-            return
-        if proto != _TCP or end < at + 20:
-            self.stats.skipped["not TCP or UDP"] += 1
-            return
-        dport = frame[at + 2] << 8 | frame[at + 3]
-        kind = self.kind.get(dport)
-        if kind is None or kind == "statsd":
-            self.stats.skipped["other ports"] += 1
-            return
-        sport = frame[at] << 8 | frame[at + 1]
-        seq = int.from_bytes(frame[at + 4 : at + 8], "big")
-        flags = frame[at + 13]
-        payload = frame[at + (frame[at + 12] >> 4) * 4 : end]
-        key = (src, sport, dst, dport)
-        stream = self.streams.get(key)
+                skipped["not IP"] += 1
+                continue
+            segment = ip.data
+            kind = type(segment)
+            if kind is _UDP:
+                protocol = kinds.get(segment.dport)
+                if protocol == "statsd" or protocol == "line":
+                    payload = segment.data
+                    chunks = statsd_chunks if protocol == "statsd" else line_chunks
+                    chunks.append(payload if payload[-1:] == b"\n" else payload + b"\n")
+                elif protocol is None:
+                    skipped["other ports"] += 1
+                else:
+                    skipped["pickle over UDP"] += 1
+            elif kind is _TCP:
+                protocol = kinds.get(segment.dport)
+                if protocol is None or protocol == "statsd":
+                    skipped["other ports"] += 1
+                else:
+                    tcp(protocol, (ip.src, segment.sport, ip.dst, segment.dport), segment)
+            else:
+                skipped["not TCP or UDP"] += 1
+        stats = self.stats
+        stats.packets += count
+        if first is not None:
+            stats.first = first if stats.first is None else min(stats.first, first)
+            stats.last = last if stats.last is None else max(stats.last, last)
+
+    # ----- TCP reassembly
+
+    def tcp(self, kind: str, key: tuple, segment: dpkt.tcp.TCP) -> None:
+        flags, seq, payload = segment.flags, segment.seq, segment.data
+        streams = self.streams
         if flags & _SYN:
-            self.streams[key] = _Stream((seq + 1) & 0xFFFFFFFF, True)
+            streams[key] = _Stream((seq + 1) & 0xFFFFFFFF, True)
             return
+        stream = streams.get(key)
         if stream is None:
             if not payload:
                 return
-            stream = self.streams[key] = _Stream(seq, False)
+            stream = streams[key] = _Stream(seq, False)
         if payload:
-            self.segment(kind, stream, seq, payload)
+            if stream.synced and seq == stream.next_seq and not stream.pending:
+                self.in_order(kind, stream, payload)
+            else:
+                self.segment(kind, stream, seq, payload)
         if flags & (_FIN | _RST):
-            del self.streams[key]
+            del streams[key]
+
+    def in_order(self, kind: str, stream: _Stream, payload: bytes) -> None:
+        """The next segment of a synced connection, nothing pending: the common case,
+        without the general segment()."""
+        stream.next_seq = (stream.next_seq + len(payload)) & 0xFFFFFFFF
+        buffered = stream.buffer
+        if kind == "pickle":
+            joined = buffered + payload if buffered else payload
+            # A frame is complete when its length prefix is covered.
+            if len(joined) < 4 or int.from_bytes(joined[:4], "big") + 4 > len(joined):
+                stream.buffer = joined
+            else:
+                stream.buffer = self.pickle_frames(stream, joined)
+            return
+        if payload[-1:] == b"\n" and not buffered:
+            self.chunks["line"].append(payload)
+            return
+        joined = buffered + payload
+        cut = joined.rfind(b"\n") + 1
+        if cut:
+            self.chunks["line"].append(joined[:cut])
+        stream.buffer = joined[cut:]
 
     def segment(self, kind: str, stream: _Stream, seq: int, payload: bytes) -> None:
         ahead = (seq - stream.next_seq) & 0xFFFFFFFF
@@ -290,85 +296,6 @@ class Decoder:
                 self.stats.skipped["invalid pickle points"] += invalid
             self.chunks["pickle"].append(text)
         return data[offset:]
-
-    # ----- all records
-
-    def feed(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
-        """Every record; Ethernet + IPv4 without options' surprises takes the inlined
-        path below (the common case on a relay), everything else self.frame()."""
-        stats = self.stats
-        slow = self.frame
-        kinds = self.kind
-        streams = self.streams
-        segment = self.segment
-        statsd_chunks, line_chunks = self.chunks["statsd"], self.chunks["line"]
-        tcp_header = _TCP_HEADER.unpack_from
-        ethernet = linktype == _ETHERNET
-        count = 0
-        first = last = None
-        for stamp, data in records:
-            if first is None:
-                first = stamp
-            last = stamp
-            count += 1
-            # Ethernet, IPv4, not a fragment: bytes 12-13 0x0800, 20 & 0x3f and 21 zero.
-            if not (ethernet and data[12:14] == b"\x08\x00" and len(data) >= 34
-                    and not (data[20] & 0x3F or data[21])):  # fmt: skip
-                slow(linktype, data)
-                continue
-            at = 14 + (data[14] & 15) * 4
-            end = min(14 + (data[16] << 8 | data[17]), len(data))
-            proto = data[23]
-            if proto == _UDP:
-                kind = kinds.get(data[at + 2] << 8 | data[at + 3])
-                if kind == "statsd" or kind == "line":
-                    payload = data[at + 8 : end]
-                    chunks = statsd_chunks if kind == "statsd" else line_chunks
-                    chunks.append(payload if payload[-1:] == b"\n" else payload + b"\n")
-                    continue
-                slow(linktype, data)
-                continue
-            if proto != _TCP or end < at + 20:
-                slow(linktype, data)
-                continue
-            sport, dport, seq, offset, flags = tcp_header(data, at)
-            kind = kinds.get(dport)
-            if kind is None or kind == "statsd" or flags & (_SYN | _FIN | _RST):
-                slow(linktype, data)
-                continue
-            payload = data[at + (offset >> 4) * 4 : end]
-            if not payload:
-                continue
-            key = (data[26:30], sport, data[30:34], dport)
-            stream = streams.get(key)
-            if stream is None:
-                stream = streams[key] = _Stream(seq, False)
-            if stream.synced and seq == stream.next_seq and not stream.pending:
-                # In order: the common case, without the general segment().
-                stream.next_seq = (seq + len(payload)) & 0xFFFFFFFF
-                if kind == "pickle":
-                    buffered = stream.buffer
-                    joined = buffered + payload if buffered else payload
-                    # A frame is complete when its length prefix is covered.
-                    if len(joined) < 4 or int.from_bytes(joined[:4], "big") + 4 > len(joined):
-                        stream.buffer = joined
-                    else:
-                        stream.buffer = self.pickle_frames(stream, joined)
-                    continue
-                if payload[-1:] == b"\n" and not stream.buffer:
-                    line_chunks.append(payload)
-                    continue
-                joined = stream.buffer + payload
-                cut = joined.rfind(b"\n") + 1
-                if cut:
-                    line_chunks.append(joined[:cut])
-                stream.buffer = joined[cut:]
-                continue
-            segment(kind, stream, seq, payload)
-        stats.packets += count
-        if first is not None:
-            stats.first = first if stats.first is None else min(stats.first, first)
-            stats.last = last if stats.last is None else max(stats.last, last)
 
     def names(self, protocol: str) -> list[bytes]:
         """The metric name of every point of a protocol (statsd: the text before ':')."""
