@@ -21,11 +21,14 @@ import threading
 import time
 from collections import Counter
 
+import dpkt
 import pytest
 from ops_cluster import HOSTS, MEMBERS, NAMES, build_tier, write_metric
 from relay_oracle import needs_relay, relay_test_owners, write_cluster_config
 
+from carbonscale import CarbonscaleError
 from carbonscale.ops.du import du_here
+from carbonscale.ops.hotmetrics import Decoder
 from carbonscale.ops.lookup import merge_lookups
 
 CLI = [sys.executable, "-m", "carbonscale"]
@@ -294,3 +297,38 @@ def test_hot_metrics_ranks_counts_and_projects_load_like_the_relay(traffic_pcap,
     assert got == dict(expected)
     assert sum(v[0] for v in report["statsd_daemons"].values()) == sum(STATSD.values())
     assert report["skipped"].get("truncated record at the end", 0) == 0
+
+
+def _statsd_datagram(version: int) -> bytes:
+    udp = dpkt.udp.UDP(sport=40000, dport=8125, data=b"app.hits:1|c")
+    udp.ulen = len(udp)
+    if version == 4:
+        ip = dpkt.ip.IP(src=bytes([10, 0, 0, 1]), dst=bytes([10, 0, 1, 1]), p=17, data=udp)
+        ip.len = len(ip)
+    else:
+        ip = dpkt.ip6.IP6(src=bytes(15) + b"\x01", dst=bytes(15) + b"\x02", nxt=17, p=17,
+                          hlim=64, data=udp)  # fmt: skip
+        ip.plen = len(udp)
+    return bytes(ip)
+
+
+@pytest.mark.parametrize(("linktype", "header", "version"), [
+    (1, bytes(12) + b"\x08\x00", 4),  # Ethernet
+    (113, bytes(dpkt.sll.SLL(ethtype=0x86DD)), 6),  # Linux cooked (tcpdump -i any)
+    (276, bytes(dpkt.sll2.SLL2(ethtype=0x0800)), 4),  # Linux cooked v2
+    (0, struct.pack("=I", 2), 4),  # BSD loopback, host byte order
+    (108, struct.pack(">I", 30), 6),  # OpenBSD loopback, network byte order
+    (101, b"", 4), (12, b"", 6),  # raw IP
+])  # fmt: skip
+def test_every_supported_link_type_decodes_and_short_frames_are_counted(linktype, header, version):
+    frame = header + _statsd_datagram(version)
+    decoder = Decoder()
+    decoder.feed(linktype, [(1.0, frame), (2.0, frame[: len(header) + 3])])
+    assert decoder.names("statsd") == [b"app.hits"]
+    assert decoder.stats.packets == 2
+    assert sum(decoder.stats.skipped.values()) == 1
+
+
+def test_an_unsupported_link_type_is_refused():
+    with pytest.raises(CarbonscaleError, match="link type 147 is not supported"):
+        Decoder().feed(147, [])
