@@ -3,9 +3,13 @@
 # (its -t mode is the placement oracle), and the daemons whose config tests and
 # baselines run on the controller; python3-venv for .venv, iproute2 for the
 # lab's route check; chromium and chromium-driver for molecule query's browser
-# test of graphite-web's UI. Installs only what is missing.
+# test of graphite-web's UI; openssh-server and tcpdump for tests/test_fabfile.py
+# and tests/test_ops.py (the fab tasks over a throwaway sshd the test starts with
+# its own config, key and port; captures of the relays' traffic). Installs only
+# what is missing.
 set -euo pipefail
 want="carbon-c-relay keepalived debootstrap rsync python3-venv iproute2 chromium chromium-driver"
+want="$want openssh-server tcpdump"
 missing=""
 for pkg in $want; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
@@ -22,4 +26,17 @@ if [ "$(id -u)" != 0 ]; then
 fi
 echo "host packages: installing$missing"
 apt-get update -qq >/dev/null
+# The tests need sshd's binary, not a system sshd on port 22: while openssh-server
+# installs, a policy-rc.d refuses its start, and the unit is disabled after.
+policy=/usr/sbin/policy-rc.d
+if [[ " $missing " == *" openssh-server "* && ! -e $policy ]]; then
+  trap 'rm -f "$policy"' EXIT
+  printf '#!/bin/sh\n# host-deps.sh: no service starts while it installs\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+  rm -f "$policy"
+  if command -v systemctl >/dev/null; then systemctl disable --quiet ssh.service 2>/dev/null || true; fi
+  missing="${missing/ openssh-server/}"
+fi
+[ -z "$missing" ] && exit 0
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""hot-metrics decode speed: packets/s of `carbonscale ops hot-metrics --pcap` on one core.
+
+Writes a pcap (dpkt.pcap.Writer) of --packets Ethernet frames as a relay sees
+them: a third statsd UDP datagrams (1-4 lines each), a third line-protocol TCP
+segments and a third pickle TCP segments (full 1448-byte segments over 250
+connections each, lines and frames of 60 points cut across segments, as
+carbon's senders batch them), then times, in the same run and on the same file:
+
+- dpkt bare: `for ts, buf in dpkt.pcap.Reader(f): pass`, the anchor (reading the
+  records and nothing else);
+- dpkt objects: dpkt.ethernet.Ethernet(buf) per record, down to the payload (how
+  a script over dpkt usually decodes, no reassembly, no counting);
+- ours: carbonscale.ops.hotmetrics decode_capture + analyse: the same dpkt
+  reading and layers as "dpkt objects", then our TCP reassembly, lines, pickle
+  frames (the pickle relay's decoder), statsd lines, ranking and projection on a
+  ring. The differences between the three timings say where ours spends its time.
+
+Each timing is the best of --runs (the machine is shared). Ours is checked: the
+points it counts must equal the points written.
+
+Goal (issue 17): ours >= 500,000 packets/s on one core.
+
+    .venv/bin/python bench/hot_metrics.py [--packets 300000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import time
+
+import dpkt
+
+from carbonscale.ops import hotmetrics
+from carbonscale.ring import Ring
+
+MAC = b"\x02\x00\x00\x00\x00\x01"
+MSS = 1448  # TCP payload per segment, as on an Ethernet path
+
+
+def frame(src: int, sport: int, dport: int, payload: bytes, seq: int | None) -> bytes:
+    if seq is None:
+        transport = dpkt.udp.UDP(sport=sport, dport=dport, data=payload)
+        transport.ulen = len(transport)
+        proto = dpkt.ip.IP_PROTO_UDP
+    else:
+        transport = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq, flags=dpkt.tcp.TH_ACK,
+                                 data=payload)  # fmt: skip
+        proto = dpkt.ip.IP_PROTO_TCP
+    ip = dpkt.ip.IP(src=struct.pack(">I", 0x0A000000 + src), dst=b"\x0a\x00\x01\x01",
+                    p=proto, data=transport)  # fmt: skip
+    ip.len = len(ip)
+    return bytes(dpkt.ethernet.Ethernet(src=MAC, dst=MAC, type=dpkt.ethernet.ETH_TYPE_IP, data=ip))
+
+
+def write_capture(path: str, packets: int) -> int:
+    """The capture; the number of points in it (whole lines and frames sent)."""
+    points = 0
+    # Per TCP connection: bytes generated, bytes sent, (end offset, points) of each unit.
+    streams: dict[tuple[int, int], list] = {}
+    start = 1_700_000_000.0
+    with open(path, "wb") as handle:
+        writer = dpkt.pcap.Writer(handle)
+        for i in range(packets):
+            client = i % 250
+            stamp = start + i * 1e-6
+            if i % 3 == 0:
+                count = 1 + i % 4
+                lines = b"".join(b"app.svc%d.req%d:1|c\n" % (client, j) for j in range(count))
+                writer.writepkt(frame(client, 40000 + client, 8125, lines, None), stamp)
+                points += count
+                continue
+            dport = 2003 if i % 3 == 1 else 2004
+            key = (client, dport)
+            if key not in streams:
+                syn = dpkt.ethernet.Ethernet(frame(client, 40000 + client, dport, b"", 999))
+                syn.data.data.flags = dpkt.tcp.TH_SYN
+                writer.writepkt(bytes(syn), stamp)
+                streams[key] = [b"", 0, []]
+            stream = streams[key]
+            while len(stream[0]) - stream[1] < MSS:
+                serial = len(stream[2])
+                if dport == 2003:
+                    for j in range(10):
+                        stream[0] += b"host%d.cpu.core%d.user 12.5 1700000000\n" % (
+                            client, (serial + j) % 64)  # fmt: skip
+                        stream[2].append((len(stream[0]), 1))
+                    continue
+                body = pickle.dumps(
+                    [(f"host{client}.disk.sd{j}.ops", (1700000000, 1.0)) for j in range(60)], 2
+                )
+                stream[0] += struct.pack(">I", len(body)) + body
+                stream[2].append((len(stream[0]), 60))
+            segment = stream[0][stream[1] : stream[1] + MSS]
+            writer.writepkt(frame(client, 40000 + client, dport, segment, 1000 + stream[1]), stamp)
+            stream[1] += len(segment)
+    for _, sent, units in streams.values():
+        points += sum(count for end, count in units if end <= sent)
+    return points
+
+
+def best(runs: int, work) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packets", type=int, default=300_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    ring = Ring([f"10.0.2.{h}:{p}={n}" for h in (1, 2, 3) for p, n in ((2103, "a"), (2203, "b"))],
+                "carbon_ch", "carbon-c-relay", 1)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "relay.pcap")
+        points = write_capture(path, args.packets)
+        with open(path, "rb") as handle:
+            total = sum(1 for _ in dpkt.pcap.Reader(handle))
+
+        def bare() -> int:
+            with open(path, "rb") as handle:
+                return sum(1 for _ in dpkt.pcap.Reader(handle))
+
+        def objects() -> int:
+            size = 0
+            with open(path, "rb") as handle:
+                for _, buf in dpkt.pcap.Reader(handle):
+                    size += len(dpkt.ethernet.Ethernet(buf).data.data.data)
+            return size
+
+        def ours() -> dict:
+            decoder = hotmetrics.decode_capture(path)
+            return hotmetrics.analyse(decoder, ring, b"-_:#", ["10.0.1.1:8127", "10.0.1.1:8129"])
+
+        bare_s, _ = best(args.runs, bare)
+        objects_s, _ = best(args.runs, objects)
+        ours_s, report = best(args.runs, ours)
+    counted = sum(report["points"].values())
+    if counted != points:
+        print(f"FAILED: counted {counted} points, the capture holds {points}", file=sys.stderr)
+        return 1
+    print(f"capture: {total} packets, {points} points (statsd, line, pickle)")
+    for label, seconds in (("dpkt bare", bare_s), ("dpkt objects", objects_s), ("ours", ours_s)):
+        print(f"{label:<13} {seconds:7.3f} s  {total / seconds:12,.0f} packets/s")
+    print(f"ours: {points / ours_s:,.0f} points/s counted, ranked and projected")
+    print(f"ours / dpkt bare: {bare_s / ours_s:.2f}x the speed; "
+          f"ours / dpkt objects: {objects_s / ours_s:.2f}x")  # fmt: skip
+    layers_s, above_s = max(objects_s - bare_s, 0.0), max(ours_s - objects_s, 0.0)
+    print(f"ours' time: dpkt reading {bare_s / ours_s:.0%}, dpkt layers "
+          f"{layers_s / ours_s:.0%}, reassembly, payloads, counting, ranking, projection "
+          f"{above_s / ours_s:.0%}")  # fmt: skip
+    goal = total / ours_s >= 500_000
+    print(f"goal >= 500,000 packets/s: {'met' if goal else 'NOT met'} ({total / ours_s:,.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
