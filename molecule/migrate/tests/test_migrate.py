@@ -115,9 +115,10 @@ def read_all(address) -> dict:
 
 
 def reset():
-    """Empty every node's test tree, staging and quarantine between cases."""
+    """Empty every node's test tree, staging, quarantine and plans between cases."""
     for address in NODES:
         paths = [f"{ROOT}/mig", f"{ROOT}/.staging", f"{ROOT}/.quarantine"]
+        paths += [f"{STATE}/{tag}-plan.tsv" for tag in ("bad", "kill")]
         assert docker(address, "rm", "-rf", *paths, user="root").returncode == 0
 
 
@@ -152,7 +153,7 @@ class Case:
         lines = []
         for index, metric in enumerate(self.metrics):
             path = f"{ROOT}/{metric.replace('.', '/')}.wsp"
-            history = [(now - 20000 + 120 * k, float(index * 1000 + k)) for k in range(100)]
+            history = [(now - 19980 + 120 * k, float(index * 1000 + k)) for k in range(100)]
             recent = [(now - 3000 + 60 * k, float(-index * 100 - k - 1)) for k in range(20)]
             for host in self.old_owners[metric]:
                 files[host][path] = history
