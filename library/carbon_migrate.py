@@ -100,6 +100,10 @@ options:
     description: Accept a jump_fnv1a_ch removal that remaps about half the metrics.
     type: bool
     default: false
+  reserve:
+    description: Bytes every destination must keep free after the move (plan).
+    type: int
+    default: 0
   max_results:
     description: Report at most this many failures and moves.
     type: int
@@ -197,7 +201,9 @@ def run_plan(module: AnsibleModule) -> dict:
     endpoints = {h: f"{h}:2099" for ring in (new, old) if ring for h in planning.ring_hosts(ring)}
     endpoints.update(planning.parse_hosts(params["hosts"]))
     listings = planning.collect_listings(endpoints, {}, read_secret(params["secret_file"]))
-    plan = planning.compute_plan(new, listings, endpoints, old, params["allow_jump_reshuffle"])
+    plan = planning.compute_plan(
+        new, listings, endpoints, old, params["allow_jump_reshuffle"], params["reserve"]
+    )
     result = {"summary": plan.summary, "changed": bool(plan.names)}
     if module._diff:
         moves = [
@@ -284,6 +290,7 @@ def main() -> None:
             "cluster": {"type": "str"},
             "hosts": {"type": "list", "elements": "str", "default": []},
             "allow_jump_reshuffle": {"type": "bool", "default": False},
+            "reserve": {"type": "int", "default": 0},
             "max_results": {"type": "int", "default": 100},
         },
         supports_check_mode=True,

@@ -372,6 +372,24 @@ def test_destination_without_the_free_space_is_refused_and_nothing_moves(cluster
     assert not (cluster.tmp / "plan.tsv").exists()
 
 
+def test_a_reserve_the_destinations_cannot_keep_is_refused(cluster_factory):
+    cluster = cluster_factory(count=20)
+    for metric in cluster.metrics:
+        if cluster.new_owners[metric] == {B}:
+            cluster.hosts[B].path(metric).unlink()  # new files needed on B
+    plan = cluster.tmp / "plan.tsv"
+    free = os.statvfs(cluster.hosts[B].root)
+    reserve = free.f_bavail * free.f_frsize  # all of it: the moved files do not fit
+    done = cluster.plan("--reserve", str(reserve))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("carbonscale: error: not enough free space: ")
+    assert f"{B} needs " in done.stderr and f" bytes and keeps {reserve} free, has " in done.stderr
+    assert not plan.exists()
+    done = cluster.plan("--reserve", "4096", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reserve"] == 4096
+
+
 def test_corrupt_source_is_skipped_listed_and_kept(cluster_factory):
     cluster = cluster_factory("carbon_ch", 1, 40)
     moving = [m for m in cluster.metrics if cluster.new_owners[m] == {B} and m in cluster.expected]

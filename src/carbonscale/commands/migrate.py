@@ -160,7 +160,7 @@ def run_plan(args: argparse.Namespace) -> int:
         files[name] = path
     needs_secret = any(h not in files for h in endpoints)
     listings = collect_listings(endpoints, files, _secret(args) if needs_secret else None)
-    plan = compute_plan(new, listings, endpoints, old, args.allow_jump_reshuffle)
+    plan = compute_plan(new, listings, endpoints, old, args.allow_jump_reshuffle, args.reserve)
     plan_id = write_plan(plan, args.output)
     summary = plan.summary
     if "jump_reshuffle" in summary:
@@ -373,6 +373,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--allow-jump-reshuffle",
         action="store_true",
         help="accept a jump_fnv1a_ch removal that remaps about half the metrics",
+    )
+    plan.add_argument(
+        "--reserve",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="bytes every destination must keep free after the move (default 0)",
     )
     plan.add_argument("-o", "--output", required=True, metavar="FILE", help="the plan file")
     plan.add_argument("--json", action="store_true", help="print the summary as JSON")

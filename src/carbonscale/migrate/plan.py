@@ -260,12 +260,17 @@ def compute_plan(
     endpoints: dict[str, str],
     old: Ring | None = None,
     allow_jump_reshuffle: bool = False,
+    reserve: int = 0,
 ) -> Plan:
     """The plan for `listings` ({host: listing}) under the target ring `new`.
 
     `endpoints` names every host there is ({host: address:port}); a listing of a
     host not in it is refused (an unknown host), as is a ring member host without
-    a listing (its copies would be missed)."""
+    a listing (its copies would be missed). A destination must keep `reserve`
+    bytes free after the files it receives (carbon keeps creating files, and a
+    full disk fails every write)."""
+    if reserve < 0:
+        raise CarbonscaleError(f"reserve must be 0 or more bytes, not {reserve}")
     hosts = list(endpoints)
     if len(hosts) > MAX_HOSTS:
         raise CarbonscaleError(f"{len(hosts)} storage hosts: a plan handles at most {MAX_HOSTS}")
@@ -336,12 +341,15 @@ def compute_plan(
     )
     summary.update(_pair_summary(plan, listings))
     summary["moved_fraction"] = round(len(work) / count, 6) if count else 0.0
-    short = {h: v for h, v in summary["free"].items() if v["needed"] > v["free"]}
+    summary["reserve"] = reserve
+    short = {h: v for h, v in summary["free"].items() if v["needed"] + reserve > v["free"]}
     if short:
+        kept = f" and keeps {reserve} free" if reserve else ""
         raise CarbonscaleError(
             "not enough free space: "
             + "; ".join(
-                f"{h} needs {v['needed']} bytes, has {v['free']} free" for h, v in short.items()
+                f"{h} needs {v['needed']} bytes{kept}, has {v['free']} free"
+                for h, v in short.items()
             )
         )
     return plan
