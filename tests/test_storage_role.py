@@ -4,7 +4,7 @@ Two layers, both exercised through ansible-playbook on localhost: the role's
 argument specs (types, via validate_argument_spec on the role's own
 meta/argument_specs.yml) and tasks/validate.yml (duplicates and port clashes,
 via the carbon_instances_errors filter over carbonscale.storage). The role
-itself is run on real containers by molecule/storage.
+itself is run on real containers by molecule/migrate (tests/test_storage.py).
 """
 
 import pytest

@@ -1,4 +1,6 @@
-"""The storage tier on two real nodes: units, limits, ports, data on disk."""
+"""The storage tier on two of the scenario's real nodes: units, limits, ports,
+data on disk (the storage tier's own checks, run here so the tier is
+converged once for them and for the migration checks)."""
 
 import json
 import time
@@ -6,13 +8,13 @@ import time
 import pytest
 import testinfra
 
-testinfra_hosts = ["storage-node1", "storage-node2"]
+testinfra_hosts = ["migrate-node1", "migrate-node2"]
 
 INSTANCES = {
     "a": {"line_port": 2103, "pickle_port": 2104, "query_port": 7102},
     "b": {"line_port": 2203, "pickle_port": 2204, "query_port": 7202},
 }
-ADDRESS = {"storage-node1": "172.31.2.31", "storage-node2": "172.31.2.32"}
+ADDRESS = {"migrate-node1": "172.31.10.31", "migrate-node2": "172.31.10.32"}
 WHISPER = "/var/lib/graphite/whisper"
 POINTS = 3
 INTERVAL = 10
@@ -23,7 +25,7 @@ def _name(host):
 
 
 def _other(host):
-    return "storage-node2" if _name(host) == "storage-node1" else "storage-node1"
+    return "migrate-node2" if _name(host) == "migrate-node1" else "migrate-node1"
 
 
 def _peer(request, host):
