@@ -35,6 +35,8 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 pytestmark = [
     needs_relay,
+    # test_ops.py's capture fixture listens on fixed ports: one xdist worker.
+    pytest.mark.xdist_group("capture-ports"),
     pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed"),
 ]
 

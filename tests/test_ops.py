@@ -32,7 +32,9 @@ from carbonscale.ops.hotmetrics import Decoder
 from carbonscale.ops.lookup import merge_lookups
 
 CLI = [sys.executable, "-m", "carbonscale"]
-pytestmark = needs_relay
+# The capture fixture (traffic_pcap, also used by test_fabfile.py) listens on
+# fixed ports: both modules stay on one xdist worker (make unit: loadgroup).
+pytestmark = [needs_relay, pytest.mark.xdist_group("capture-ports")]
 
 
 def ops(*args: str, check: bool = True) -> subprocess.CompletedProcess:
