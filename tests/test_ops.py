@@ -190,7 +190,22 @@ def test_not_a_pcap_is_one_line_exit_2(tmp_path):
 
 # ----- hot-metrics on real traffic ---------------------------------------------------
 
-LINE_PORT, PICKLE_PORT, STATSD_PORT = 12003, 12004, 18125
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (held together, so all differ)."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for sock in held:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+# The capture's ports: picked per test process, not fixed, so no other test
+# running at the same time (make unit runs on every core) can hold them.
+LINE_PORT, PICKLE_PORT, STATSD_PORT = _free_ports(3)
 # Points each metric gets: its rank is this order.
 LINE = {"web.a.requests": 300, "web.b.requests": 200, "db.c.queries": 100}
 PICKLE = {"db.d.latency": 150, "web.e.errors": 40}
