@@ -11,6 +11,7 @@ import numpy as np
 
 from carbonscale import CarbonscaleError
 from carbonscale.migrate.plan import metric_path
+from carbonscale.ops.tree import check_root
 from carbonscale.ring import Ring
 from carbonscale.whisper.files import read_whisper
 from carbonscale.whisper.header import CorruptWhisper
@@ -46,8 +47,7 @@ def file_state(root: str, name: str) -> dict | None:
 
 def lookup_here(root: str, ring: Ring, host: str, names: Sequence[str]) -> dict:
     """This host's answer for each name: the owners, whether this host is one, its file."""
-    if not os.path.isdir(root):
-        raise CarbonscaleError(f"whisper root {root} is not a directory")
+    check_root(root)
     if not names:
         raise CarbonscaleError("give at least one metric name")
     encoded = [n.encode() for n in names]

@@ -36,14 +36,6 @@ def metric_names(paths: list[str]) -> list[bytes]:
     return names_of([p.encode("utf-8", "surrogateescape") for p in paths])
 
 
-def owner_hosts(ring: Ring, names: list[bytes]) -> list[set[str]]:
-    """The hosts of each name's owners (replicas on one host are one copy)."""
-    if not names:
-        return []
-    rows = ring.locate_batch(names)
-    return [{ring.members[i].host for i in row} for row in rows.tolist()]
-
-
 def owned_mask(ring: Ring, names: list[bytes], host: str) -> np.ndarray:
     """True where the ring gives the name to a member on `host`."""
     if host not in {m.host for m in ring.members}:
@@ -59,4 +51,4 @@ def owned_mask(ring: Ring, names: list[bytes], host: str) -> np.ndarray:
     return on_host[rows].any(axis=1)
 
 
-__all__ = ["check_root", "metric_names", "metric_path", "owned_mask", "owner_hosts", "tree_files"]
+__all__ = ["check_root", "metric_names", "metric_path", "owned_mask", "tree_files"]
