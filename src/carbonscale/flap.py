@@ -243,6 +243,11 @@ class PlannedRestarts:
     def __init__(self, directory: str) -> None:
         self.path = os.path.join(directory, PLANNED_FILE)
 
+    @classmethod
+    def beside(cls, state_path: str) -> PlannedRestarts:
+        """The planned restarts kept next to a flap state file (its directory)."""
+        return cls(os.path.dirname(os.path.abspath(state_path)))
+
     def load(self) -> dict[str, float]:
         try:
             with open(self.path, encoding="utf-8") as handle:

@@ -14,7 +14,6 @@ kernel has no IPVS, the userspace pool daemon (`carbonscale.lvs_pool`,
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -175,7 +174,7 @@ def damped_check(
     if state_path is None:
         return CheckResult(up, up, FlapState(up=up), None)
     now = time.time() if now is None else now
-    planned = host in PlannedRestarts(os.path.dirname(os.path.abspath(state_path))).active(now)
+    planned = host in PlannedRestarts.beside(state_path).active(now)
     key = f"{kind}/{host}:{port}"
     with FlapStore(state_path) as store:
         state = store.get(key)

@@ -204,7 +204,7 @@ class Pool:
         """One round: probe, damp, persist; usable flag by check key."""
         probed = self.probe_all()
         now = time.time() if now is None else now
-        planned = PlannedRestarts(os.path.dirname(os.path.abspath(self.state_path))).active(now)
+        planned = PlannedRestarts.beside(self.state_path).active(now)
         usable = {}
         with FlapStore(self.state_path) as store:
             for key, up in probed.items():
