@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verbs = parser.add_subparsers(dest="relay_command", metavar="RELAY", required=True)
     register_pickle(verbs)
+    register_restart(verbs)
     register_statsd(verbs)
 
 
@@ -52,6 +53,24 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         "--listen",
         default=f":{Settings.listen[1]}",
         help="[HOST]:PORT to listen on (default %(default)s: every address)",
+    )
+    parser.add_argument(
+        "--line-listen",
+        help="[HOST]:PORT to take line protocol on as well, passed to carbon-c-relay whole "
+        "(the relay's front: carbon-c-relay then restarts behind it, see `relay restart`); "
+        "default: none",
+    )
+    parser.add_argument(
+        "--max-line",
+        type=int,
+        default=Settings.max_line,
+        help="longest line-protocol line in bytes; a longer one is skipped and counted "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--hold-dir",
+        help="directory where `relay restart` asks for a hold and the relay confirms it "
+        "(default: none, no hold)",
     )
     parser.add_argument(
         "--upstream",
@@ -139,6 +158,13 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
 def run_pickle(args: argparse.Namespace) -> int:
     settings = Settings(
         listen=parse_hostport(args.listen, "--listen", allow_any=True),
+        line_listen=(
+            parse_hostport(args.line_listen, "--line-listen", allow_any=True)
+            if args.line_listen
+            else None
+        ),
+        max_line=args.max_line,
+        hold_dir=args.hold_dir or None,
         upstream=parse_hostport(args.upstream, "--upstream"),
         max_frame=args.max_frame,
         max_buffered=args.max_buffered,
@@ -162,6 +188,93 @@ def run_pickle(args: argparse.Namespace) -> int:
     from carbonscale.relay import pickle_relay  # the daemon's asyncio, only to run it
 
     pickle_relay.run(settings)
+    return ExitStatus.OK
+
+
+# ---------------------------------------------------------------- restart
+
+
+def register_restart(verbs: argparse._SubParsersAction) -> None:
+    from carbonscale.relay import hold
+
+    parser = verbs.add_parser(
+        "restart",
+        help="restart carbon-c-relay behind the relay's front without losing a line",
+        description=(
+            "Hold the front (`relay pickle --hold-dir`): it finishes the lines it is "
+            "writing and queues the rest; wait until carbon-c-relay has read every byte; "
+            "restart its unit; wait until it listens again; release the front, which "
+            "writes its queue. Without a running front (no hold directory) carbon-c-relay "
+            "is restarted plainly. The front is released whatever fails."
+        ),
+    )
+    parser.add_argument(
+        "--unit", default="carbon-c-relay", help="carbon-c-relay's unit (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        required=True,
+        help="carbon-c-relay's line port behind the front (the front's --upstream port)",
+    )
+    parser.add_argument("--hold-dir", required=True, help="the front's --hold-dir")
+    parser.add_argument(
+        "--hold-seconds",
+        type=float,
+        default=hold.DEFAULT_HOLD_SECONDS,
+        help="the hold ends by itself after this long, whatever happens here (default %(default)g)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=hold.DEFAULT_WAIT_SECONDS,
+        help="longest wait for each step (default %(default)g s)",
+    )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=hold.DEFAULT_SETTLE_SECONDS,
+        help="seconds after carbon-c-relay listens before the front connects (default %(default)g)",
+    )
+    parser.set_defaults(func=run_restart)
+
+
+def run_restart(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from carbonscale import CarbonscaleError
+    from carbonscale.relay import hold
+
+    if not 0 < args.port < 65536:
+        raise CarbonscaleError(f"--port wants 1-65535, got {args.port}")
+    for name in ("hold_seconds", "wait"):
+        if getattr(args, name) <= 0:
+            raise CarbonscaleError(f"--{name.replace('_', '-')} must be > 0")
+
+    def restart() -> None:
+        done = subprocess.run(
+            ["systemctl", "restart", args.unit], capture_output=True, text=True, check=False
+        )
+        if done.returncode:
+            raise CarbonscaleError(
+                f"systemctl restart {args.unit} failed: {done.stderr.strip() or done.returncode}"
+            )
+
+    report = hold.restart_behind_front(
+        restart,
+        args.hold_dir,
+        args.port,
+        seconds=args.hold_seconds,
+        wait=args.wait,
+        settle=max(0.0, args.settle),
+    )
+    if report.held:
+        print(
+            f"restarted {args.unit} behind the front: held {report.hold_seconds:.1f}s, "
+            f"{report.queued_at_hold} points queued at the hold"
+        )
+    else:
+        print(f"restarted {args.unit} (no front running in {args.hold_dir}: nothing to hold)")
     return ExitStatus.OK
 
 

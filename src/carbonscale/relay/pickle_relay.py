@@ -1,9 +1,15 @@
-"""The pickle relay: carbon's pickle protocol in, carbon-c-relay's line protocol out.
+"""The relay's front: carbon's pickle protocol (and the line protocol) in, carbon-c-relay's line
+protocol out.
 
 carbon-c-relay speaks only the line protocol, while carbon daemons and many
 clients send pickle frames (a 4-byte big-endian length, then a pickled list of
 `(path, (timestamp, value))`). This daemon sits on port 2004 of every relay
 node and forwards what it decodes to the local carbon-c-relay on 2003.
+
+With `line_listen` it also owns the line port (2003): lines are passed through
+whole and unparsed (carbon-c-relay checks them), so carbon-c-relay can sit on
+a loopback port behind it and restart without a sender noticing: see
+`carbonscale.relay.hold` for the hold that makes such a restart lossless.
 
 One thread, one asyncio loop: per frame the C unpickler and the C formatter
 (`carbonscale.relay.lines`) do the work, so the loop itself stays cheap.
@@ -17,12 +23,15 @@ What happens to every point, and the counter that says so:
 - a frame that does not unpickle to a list (or needs a global, or has bytes
   after its end): `frames_malformed`, connection closed;
 - a point that cannot be written (bad name, non-number, NaN): `invalid`;
-- a good point: `points`, then `sent` once the kernel took its whole line,
+- a line-protocol line longer than `max_line`: `lines_oversized` (skipped up
+  to its newline, the connection stays);
+- a good point: `points` (a line-protocol line: `lines`), then `sent` once
+  the kernel took its whole line,
   or `dropped_overflow` when the queue (`queue_size` points) is full while
   carbon-c-relay is away or slow, or `dropped_shutdown` when SIGTERM's drain
   ran out of time. The relay's own counters are `self_points`.
-At any quiet moment: points + self_points = sent + dropped_overflow +
-dropped_shutdown + queued.
+At any quiet moment: points + lines + self_points = sent + dropped_overflow
++ dropped_shutdown + queued.
 
 The upstream connection is retried every `reconnect_interval` seconds; a
 line half-written when it broke is written again whole on the next one.
@@ -34,12 +43,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import signal
 import socket
 import time
 
 from carbonscale import CarbonscaleError
-from carbonscale.relay import lines
+from carbonscale.relay import hold, lines
 from carbonscale.relay.pickle_settings import (  # noqa: F401 (their old home)
     Settings,
     default_stats_prefix,
@@ -56,14 +66,20 @@ COUNTERS = (
     "frames_refused_memory",
     "points",
     "invalid",
+    "lines",
+    "lines_oversized",
     "sent",
     "dropped_overflow",
     "dropped_shutdown",
     "self_points",
     "upstream_connects",
     "upstream_errors",
+    "holds",
 )
-GAUGES = ("queued", "clients", "buffered")
+GAUGES = ("queued", "clients", "buffered", "held")
+# How often the hold directory is looked at: a hold is in force at most this
+# much (plus the batch under way) after it is asked for.
+HOLD_POLL_SECONDS = 0.05
 
 
 class Throttled:
@@ -99,6 +115,13 @@ class Upstream:
         self.sock: socket.socket | None = None
         self.waiting_writable = False
         self.lost = asyncio.Event()
+        # A hold (carbonscale.relay.hold): asked for, then in force once the
+        # batch being written is whole; while in force nothing is written and
+        # no connection is made.
+        self.hold_asked = False
+        self.held = False
+        self.released = asyncio.Event()
+        self.released.set()
 
     # -- the queue
 
@@ -138,9 +161,14 @@ class Upstream:
 
     def _flush(self) -> None:
         sock = self.sock
-        while sock is not None:
-            if self.offset >= len(self.pending) and not self._next_batch():
-                return
+        while sock is not None and not self.held:
+            if self.offset >= len(self.pending):
+                if self.hold_asked:
+                    # Every line written is whole: the hold is in force.
+                    self._enter_hold()
+                    return
+                if not self._next_batch():
+                    return
             try:
                 sent = sock.send(memoryview(self.pending)[self.offset :])
             except (BlockingIOError, InterruptedError):
@@ -175,6 +203,31 @@ class Upstream:
         if not data:
             self._disconnect("closed by carbon-c-relay")
 
+    # -- the hold
+
+    def ask_hold(self) -> None:
+        if self.hold_asked:
+            return
+        self.hold_asked = True
+        self.released.clear()
+        if self.sock is None or self.offset >= len(self.pending):
+            self._enter_hold()
+        else:
+            self.kick()  # the batch under way is finished first; _flush then holds
+
+    def _enter_hold(self) -> None:
+        if not self.held:
+            self.held = True
+            self.counters["holds"] += 1
+            self.relay.hold_entered()
+
+    def release(self) -> None:
+        if not self.hold_asked:
+            return
+        self.hold_asked = self.held = False
+        self.released.set()
+        self.kick()
+
     def _disconnect(self, why: str) -> None:
         sock, self.sock = self.sock, None
         if sock is None:
@@ -197,6 +250,7 @@ class Upstream:
     async def run(self) -> None:
         host, port = self.settings.upstream
         while True:
+            await self.released.wait()
             try:
                 infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 family, kind, proto, _, address = infos[0]
@@ -224,6 +278,11 @@ class Upstream:
             self.loop.add_reader(sock, self._readable)
             self._flush()
             await self.lost.wait()
+            if self.hold_asked:
+                # carbon-c-relay restarting behind a hold: the release says
+                # when it is ready; connecting earlier is what can crash it.
+                self._enter_hold()
+                continue
             await asyncio.sleep(self.settings.reconnect_interval)
 
     def discard(self) -> None:
@@ -319,17 +378,94 @@ class PickleClient(asyncio.Protocol):
             self.transport.abort()
 
 
+class LineClient(asyncio.Protocol):
+    """One line-protocol sender: whole lines go to the queue as they arrive, unparsed."""
+
+    def __init__(self, relay: PickleRelay) -> None:
+        self.relay = relay
+        self.partial = b""  # the start of a line whose newline has not come yet
+        self.skipping = False  # inside a line over max_line, dropped up to its newline
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.closed = False
+        self.last_active = time.monotonic()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.relay.counters["connections"] += 1
+        self.relay.clients.add(self)
+
+    def connection_lost(self, exc) -> None:
+        # A last line without its newline is not a line (carbon-c-relay's rule too).
+        self.closed = True
+        self.relay.clients.discard(self)
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_active = time.monotonic()
+        relay = self.relay
+        max_line = relay.settings.max_line
+        if self.partial:
+            data, self.partial = self.partial + data, b""
+        if self.skipping:
+            first = data.find(b"\n")
+            if first < 0:
+                return
+            self.skipping = False
+            data = data[first + 1 :]
+        end = data.rfind(b"\n")
+        if end >= 0:
+            chunk = data[: end + 1]
+            # Only a chunk longer than max_line can hold a line longer than it;
+            # the regular expression scans in C, the split runs only on a hit.
+            if len(chunk) > max_line and relay.long_line.search(chunk):
+                kept = [line for line in chunk.split(b"\n")[:-1] if len(line) <= max_line]
+                self._oversized(chunk.count(b"\n") - len(kept))
+                chunk = b"".join(line + b"\n" for line in kept)
+            count = chunk.count(b"\n")
+            if count:
+                relay.counters["lines"] += count
+                relay.upstream.enqueue(chunk, count)
+                relay.upstream.kick()
+            data = data[end + 1 :]
+        if len(data) > max_line:
+            self._oversized(1)
+            self.skipping = True
+        else:
+            self.partial = data
+
+    def _oversized(self, count: int) -> None:
+        relay = self.relay
+        relay.counters["lines_oversized"] += count
+        relay.throttled.warning(
+            "line", f"{self.peer}: {count} line(s) over {relay.settings.max_line} bytes skipped"
+        )
+
+    def reject(self, why: str | None) -> None:
+        if why:
+            self.relay.throttled.warning("line", f"{self.peer}: {why}; connection closed")
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class PickleRelay:
     def __init__(self, settings: Settings) -> None:
         settings.validate()
         self.settings = settings
         self.counters: collections.Counter[str] = collections.Counter(dict.fromkeys(COUNTERS, 0))
-        self.clients: set[PickleClient] = set()
+        self.clients: set[PickleClient | LineClient] = set()
         # Bytes of unfinished frames held for all clients (max_buffered caps it).
         self.buffered = 0
         self.throttled = Throttled()
         self.upstream: Upstream | None = None
         self.server: asyncio.AbstractServer | None = None
+        self.line_server: asyncio.AbstractServer | None = None
+        self.long_line = re.compile(rb"[^\n]{%d}" % (settings.max_line + 1))
         self.stopping: asyncio.Event | None = None
 
     def handle_frame(self, frame: bytes, peer: str) -> bool:
@@ -358,7 +494,30 @@ class PickleRelay:
         values["queued"] = self.upstream.pending_points() if self.upstream else 0
         values["clients"] = len(self.clients)
         values["buffered"] = self.buffered
+        values["held"] = int(bool(self.upstream and self.upstream.held))
         return values
+
+    # -- the hold (carbonscale.relay.hold)
+
+    def hold_entered(self) -> None:
+        log.info("hold: nothing more written to carbon-c-relay until released")
+        hold.write_ack(self.settings.hold_dir, self.upstream.pending_points())
+
+    async def _watch_hold(self) -> None:
+        """Follow the hold directory: a request holds, its removal or its end releases."""
+        hold_dir = self.settings.hold_dir
+        hold.remove_ack(hold_dir)
+        while True:
+            until = hold.requested_until(hold_dir, time.time())
+            upstream = self.upstream
+            if until is not None and not upstream.hold_asked:
+                log.info("hold asked for, until %s at the latest", time.ctime(until))
+                upstream.ask_hold()
+            elif until is None and upstream.hold_asked:
+                upstream.release()
+                hold.remove_ack(hold_dir)
+                log.info("hold released: %d points queued", upstream.pending_points())
+            await asyncio.sleep(HOLD_POLL_SECONDS)
 
     def report(self) -> None:
         """Queue the relay's own counters (cumulative, like carbon-c-relay's) as metrics."""
@@ -406,7 +565,27 @@ class PickleRelay:
         except OSError as exc:
             where = f"{host or '*'}:{port}"
             raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
-        bound = ", ".join(f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.server.sockets)
+        servers = [self.server]
+        if settings.line_listen is not None:
+            host, port = settings.line_listen
+            try:
+                self.line_server = await loop.create_server(
+                    lambda: LineClient(self),
+                    host,
+                    port,
+                    reuse_address=True,
+                    backlog=settings.backlog,
+                )
+            except OSError as exc:
+                self.server.close()
+                where = f"{host or '*'}:{port}"
+                raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
+            servers.append(self.line_server)
+        bound = ", ".join(
+            f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+            for server in servers
+            for s in server.sockets
+        )
         log.info(
             "listening on %s, forwarding to %s:%s (%s formatter)",
             bound,
@@ -419,6 +598,8 @@ class PickleRelay:
         ]
         if settings.idle_timeout:
             tasks.append(asyncio.create_task(self._close_idle_clients()))
+        if settings.hold_dir is not None:
+            tasks.append(asyncio.create_task(self._watch_hold()))
         if ready is not None:
             ready.set()
         await self.stopping.wait()
@@ -432,8 +613,14 @@ class PickleRelay:
     async def _drain(self) -> None:
         """Stop taking data, then give carbon-c-relay everything queued (up to drain_timeout)."""
         self.server.close()
+        if self.line_server is not None:
+            self.line_server.close()
         for client in list(self.clients):
             client.reject(None)
+        # A hold ends with the relay: what is queued goes now or never.
+        self.upstream.release()
+        if self.settings.hold_dir is not None:
+            hold.remove_ack(self.settings.hold_dir)
         self.report()  # the final counters travel with the rest
         deadline = time.monotonic() + self.settings.drain_timeout
         log.info("stopping: draining %d queued points", self.upstream.pending_points())

@@ -13,6 +13,16 @@ from carbonscale.relay import lines
 @dataclass
 class Settings:
     listen: tuple[str | None, int] = (None, 2004)
+    # The line protocol front (carbon-c-relay's public port): lines are passed
+    # through whole, so carbon-c-relay can restart behind it without a sender
+    # noticing (see carbonscale.relay.front). None: pickle only.
+    line_listen: tuple[str | None, int] | None = None
+    # Longest line the front holds while waiting for its newline; a longer
+    # one is skipped up to its newline and counted (lines_oversized).
+    max_line: int = 65536
+    # Where `carbonscale relay hold` asks the relay to stop writing to
+    # carbon-c-relay, and where the relay says it has (None: no hold).
+    hold_dir: str | None = None
     upstream: tuple[str, int] = ("127.0.0.1", 2003)
     max_frame: int = lines.DEFAULT_MAX_FRAME
     # Bytes of unfinished frames held for all clients together: 64 frames of
@@ -31,7 +41,15 @@ class Settings:
     backlog: int = 1024
 
     def validate(self) -> None:
-        for name in ("max_frame", "max_name", "max_output", "queue_size", "batch_size", "backlog"):
+        for name in (
+            "max_frame",
+            "max_name",
+            "max_output",
+            "max_line",
+            "queue_size",
+            "batch_size",
+            "backlog",
+        ):
             if getattr(self, name) < 1:
                 raise CarbonscaleError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_buffered < self.max_frame:
