@@ -111,9 +111,12 @@ class Cluster:
 
     def relay_ports(self) -> dict[str, int]:
         """The relays' line, pickle and statsd ports (their roles' variables)."""
+        # The public line port is the relay front's (roles/pickle_relay), not
+        # carbon-c-relay's, which sits behind it on loopback.
         pickle_listen = str(self.tier_var("relays", "pickle_relay_listen", ":2004"))
+        line_listen = str(self.tier_var("relays", "pickle_relay_line_listen", ":2003"))
         return {
-            "line": int(self.tier_var("relays", "carbon_relay_port", 2003)),
+            "line": int(line_listen.rpartition(":")[2]),
             "pickle": int(pickle_listen.rpartition(":")[2]),
             "statsd": int(self.tier_var("relays", "statsd_relay_port", 8125)),
         }

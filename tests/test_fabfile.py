@@ -132,7 +132,7 @@ def site(sshd, tmp_path_factory):
                     "vars": {
                         "carbon_relay_hash": "carbon_ch",
                         "carbon_relay_replication": 1,
-                        "carbon_relay_port": LINE_PORT,
+                        "pickle_relay_line_listen": f":{LINE_PORT}",
                         "pickle_relay_listen": f":{PICKLE_PORT}",
                         "statsd_relay_port": STATSD_PORT,
                         "statsd_instances": [

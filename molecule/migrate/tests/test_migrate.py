@@ -264,14 +264,16 @@ def test_every_metric_ends_on_exactly_its_owners_with_every_point(tmp_path, hash
 
 def test_sync_killed_at_random_moments_converges_when_rerun(tmp_path):
     started = time.monotonic()
-    case = Case(tmp_path, "kill", "carbon_ch", 2, 200)
+    # Enough files that a sync takes seconds even on a quiet machine (200 took
+    # under half a second there, and no kill landed before a run finished).
+    case = Case(tmp_path, "kill", "carbon_ch", 2, 600)
     report = case.make_plan()
     rng = random.Random(14)
     kills = partial = 0
     for address in (N1, N2):
-        soonest = 0.5  # raised while kills land before any work (interpreter start-up)
+        soonest = 0.3  # raised while kills land before any work (interpreter start-up)
         for _ in range(40):
-            delay = rng.uniform(soonest, soonest + 1.5)
+            delay = rng.uniform(soonest, soonest + 0.6)
             done = docker(
                 address, "timeout", "-s", "KILL", f"{delay:.2f}", "carbonscale", "migrate",
                 "sync", *step_args(address, case.plan_file), "--jobs", "1", "--batch", "1",
