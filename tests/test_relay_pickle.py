@@ -426,27 +426,51 @@ def test_partial_frames_across_reads_are_reassembled(relay, sink):
     assert relay.stop()["points"] == 1000
 
 
-def test_queue_overflow_is_counted_and_the_rest_delivered_after_reconnect():
+def test_a_full_queue_makes_senders_wait_and_loses_nothing():
     port = free_port()
     relay = RelayProcess(port, "--queue-size", "1000", "--reconnect-interval", "0.1")
     try:
-        # Nothing listens upstream: 1000 points wait, the other 1500 are dropped.
+        # Nothing listens upstream: the first frame fills the queue half, and
+        # from then on the relay reads nothing more; the rest waits in TCP.
+        sock = relay.connect()
         for i in range(5):
-            assert send_and_wait_close(relay, frame(pickle.dumps(_points(500, f"f{i}"))))
+            sock.sendall(frame(pickle.dumps(_points(500, f"f{i}"))))
+        time.sleep(1)
         sink = LineSink(port)
         try:
-            assert sink.wait_for(lambda s: len(s.lines()) >= 1000)
+            assert sink.wait_for(lambda s: len(s.lines(exclude=b"carbon.relays.")) >= 2500)
+            sock.close()
             counters = relay.stop()
         finally:
             sink.close()
     finally:
         relay.kill()
     assert counters["points"] == 2500
-    assert counters["dropped_overflow"] == 1500
-    assert len(sink.lines(exclude=b"carbon.relays.")) == 1000
-    assert sink.lines(b"f0.")  # the first frames were kept, the later ones dropped
-    assert not sink.lines(b"f4.")
+    assert counters["dropped_overflow"] == 0
+    assert counters["backpressure"] >= 1
+    expected = [f"{n} {v} {t}".encode() for i in range(5) for n, (t, v) in _points(500, f"f{i}")]
+    assert sorted(sink.lines(exclude=b"carbon.relays.")) == sorted(expected)
     assert counters["upstream_errors"] >= 1
+
+
+def test_what_cannot_fit_the_queue_is_dropped_and_counted_the_rest_delivered():
+    port = free_port()
+    relay = RelayProcess(port, "--queue-size", "1000", "--reconnect-interval", "0.1")
+    try:
+        # One frame larger than the whole queue: already read, it cannot wait.
+        assert send_and_wait_close(relay, frame(pickle.dumps(_points(1500, "big"))))
+        assert send_and_wait_close(relay, frame(pickle.dumps(_points(400, "small"))))
+        sink = LineSink(port)
+        try:
+            assert sink.wait_for(lambda s: len(s.lines(b"small.")) >= 400)
+            counters = relay.stop()
+        finally:
+            sink.close()
+    finally:
+        relay.kill()
+    assert counters["points"] == 1900
+    assert counters["dropped_overflow"] == 1500
+    assert not sink.lines(b"big.")
     assert counters["points"] + counters["self_points"] == (
         counters["sent"]
         + counters["dropped_overflow"]

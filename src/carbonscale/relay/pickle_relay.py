@@ -30,6 +30,9 @@ What happens to every point, and the counter that says so:
   or `dropped_overflow` when the queue (`queue_size` points) is full while
   carbon-c-relay is away or slow, or `dropped_shutdown` when SIGTERM's drain
   ran out of time. The relay's own counters are `self_points`.
+Before the queue is full, clients wait: at half full no client is read (their
+TCP windows close and senders block, `backpressure` counts the times) until
+it is down to a quarter; only what was already read when it filled is dropped.
 At any quiet moment: points + lines + self_points = sent + dropped_overflow
 + dropped_shutdown + queued.
 
@@ -43,7 +46,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import signal
 import socket
 import time
@@ -75,6 +77,7 @@ COUNTERS = (
     "upstream_connects",
     "upstream_errors",
     "holds",
+    "backpressure",
 )
 GAUGES = ("queued", "clients", "buffered", "held")
 # How often the hold directory is looked at: a hold is in force at most this
@@ -120,6 +123,8 @@ class Upstream:
         # no connection is made.
         self.hold_asked = False
         self.held = False
+        # Clients are not read while the queue is over half full.
+        self.paused = False
         self.released = asyncio.Event()
         self.released.set()
 
@@ -136,6 +141,12 @@ class Upstream:
             return
         self.queue.append((data, count))
         self.queued += count
+        if not self.paused and self.queued >= self.settings.queue_size // 2:
+            # Half full: senders wait (their TCP windows close) rather than
+            # have points dropped; reading resumes at a quarter.
+            self.paused = True
+            self.counters["backpressure"] += 1
+            self.relay.pause_clients()
 
     def pending_points(self) -> int:
         return self.queued + self.pending.count(b"\n", self.offset)
@@ -155,6 +166,11 @@ class Upstream:
             parts.append(data)
             count += n
         self.queued -= count
+        if self.paused and self.queued <= self.settings.queue_size // 4:
+            self.paused = False
+            # Soon, not now: resumed clients queue (and kick) from inside this
+            # batch's making otherwise.
+            self.loop.call_soon(self.relay.resume_clients)
         self.pending = parts[0] if len(parts) == 1 else b"".join(parts)
         self.offset = 0
         return True
@@ -300,7 +316,24 @@ class Upstream:
             self.sock = None
 
 
-class PickleClient(asyncio.Protocol):
+class Client(asyncio.Protocol):
+    """What the relay does with any client: pause, resume, count, close."""
+
+    transport: asyncio.Transport | None = None
+    closed = False
+
+    def pause(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()
+
+
+class PickleClient(Client):
     """One sender: splits the byte stream into frames and hands each to the relay."""
 
     def __init__(self, relay: PickleRelay) -> None:
@@ -319,6 +352,8 @@ class PickleClient(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.relay.counters["connections"] += 1
         self.relay.clients.add(self)
+        if self.relay.upstream.paused:
+            self.pause()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -340,7 +375,11 @@ class PickleClient(asyncio.Protocol):
         size = len(buffer)
         pos = 0
         max_frame = relay.settings.max_frame
+        upstream = relay.upstream
         while size - pos >= 4:
+            if upstream.paused:
+                # Frames already read wait here, not in a queue that is full.
+                break
             length = int.from_bytes(buffer[pos : pos + 4], "big")
             if length > max_frame:
                 relay.counters["frames_oversized"] += 1
@@ -370,6 +409,11 @@ class PickleClient(asyncio.Protocol):
             self._account()
         relay.upstream.kick()
 
+    def resume(self) -> None:
+        super().resume()
+        if self.buffer and not self.closed:
+            self.data_received(b"")  # the frames read before the pause
+
     def reject(self, why: str | None) -> None:
         if why:
             self.relay.throttled.warning("frame", f"{self.peer}: {why}; connection closed")
@@ -378,7 +422,22 @@ class PickleClient(asyncio.Protocol):
             self.transport.abort()
 
 
-class LineClient(asyncio.Protocol):
+def _lines_shorter_than(chunk: bytes, max_line: int) -> bool:
+    """True when no line of chunk can be longer than max_line (False: maybe one is).
+
+    Every run of 2w bytes holds a whole block of w bytes starting at a
+    multiple of w; so when each such block holds a newline, no line reaches
+    2w = max_line bytes. One find per block, each ending at the block's first
+    newline: a cheap look at every chunk instead of a split.
+    """
+    width = max(1, max_line // 2)
+    find = chunk.find
+    return all(
+        find(b"\n", pos, pos + width) >= 0 for pos in range(0, len(chunk) - width + 1, width)
+    )
+
+
+class LineClient(Client):
     """One line-protocol sender: whole lines go to the queue as they arrive, unparsed."""
 
     def __init__(self, relay: PickleRelay) -> None:
@@ -396,6 +455,8 @@ class LineClient(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.relay.counters["connections"] += 1
         self.relay.clients.add(self)
+        if self.relay.upstream.paused:
+            self.pause()
 
     def connection_lost(self, exc) -> None:
         # A last line without its newline is not a line (carbon-c-relay's rule too).
@@ -407,36 +468,51 @@ class LineClient(asyncio.Protocol):
         if self.closed:
             return
         self.last_active = time.monotonic()
-        relay = self.relay
-        max_line = relay.settings.max_line
-        if self.partial:
-            data, self.partial = self.partial + data, b""
-        if self.skipping:
+        max_line = self.relay.settings.max_line
+        start = 0
+        if self.skipping or self.partial:
             first = data.find(b"\n")
             if first < 0:
+                if not self.skipping:
+                    self._keep_partial(self.partial + data)
                 return
-            self.skipping = False
-            data = data[first + 1 :]
+            if self.skipping:
+                self.skipping = False
+            elif len(self.partial) + first > max_line:
+                self.partial = b""
+                self._oversized(1)
+            else:
+                # The line the last read began: its own small write.
+                self._forward(self.partial + data[: first + 1])
+            self.partial = b""
+            start = first + 1
         end = data.rfind(b"\n")
-        if end >= 0:
-            chunk = data[: end + 1]
-            # Only a chunk longer than max_line can hold a line longer than it;
-            # the regular expression scans in C, the split runs only on a hit.
-            if len(chunk) > max_line and relay.long_line.search(chunk):
-                kept = [line for line in chunk.split(b"\n")[:-1] if len(line) <= max_line]
-                self._oversized(chunk.count(b"\n") - len(kept))
-                chunk = b"".join(line + b"\n" for line in kept)
-            count = chunk.count(b"\n")
-            if count:
-                relay.counters["lines"] += count
-                relay.upstream.enqueue(chunk, count)
-                relay.upstream.kick()
-            data = data[end + 1 :]
-        if len(data) > max_line:
+        if end >= start:
+            self._forward(data[start : end + 1])
+            start = end + 1
+        if start < len(data):
+            self._keep_partial(data[start:])
+
+    def _keep_partial(self, rest: bytes) -> None:
+        if len(rest) > self.relay.settings.max_line:
             self._oversized(1)
-            self.skipping = True
+            self.partial, self.skipping = b"", True
         else:
-            self.partial = data
+            self.partial = rest
+
+    def _forward(self, chunk: bytes) -> None:
+        """Whole lines to the queue; lines over max_line are left out and counted."""
+        relay = self.relay
+        max_line = relay.settings.max_line
+        if len(chunk) > max_line and not _lines_shorter_than(chunk, max_line):
+            kept = [line for line in chunk.split(b"\n")[:-1] if len(line) <= max_line]
+            self._oversized(chunk.count(b"\n") - len(kept))
+            chunk = b"".join(line + b"\n" for line in kept)
+        count = chunk.count(b"\n")
+        if count:
+            relay.counters["lines"] += count
+            relay.upstream.enqueue(chunk, count)
+            relay.upstream.kick()
 
     def _oversized(self, count: int) -> None:
         relay = self.relay
@@ -465,7 +541,6 @@ class PickleRelay:
         self.upstream: Upstream | None = None
         self.server: asyncio.AbstractServer | None = None
         self.line_server: asyncio.AbstractServer | None = None
-        self.long_line = re.compile(rb"[^\n]{%d}" % (settings.max_line + 1))
         self.stopping: asyncio.Event | None = None
 
     def handle_frame(self, frame: bytes, peer: str) -> bool:
@@ -496,6 +571,17 @@ class PickleRelay:
         values["buffered"] = self.buffered
         values["held"] = int(bool(self.upstream and self.upstream.held))
         return values
+
+    def pause_clients(self) -> None:
+        log.info("queue half full (%d points): clients wait", self.upstream.queued)
+        for client in self.clients:
+            client.pause()
+
+    def resume_clients(self) -> None:
+        for client in list(self.clients):
+            if self.upstream.paused:
+                return  # full again: the rest stay paused
+            client.resume()
 
     # -- the hold (carbonscale.relay.hold)
 
