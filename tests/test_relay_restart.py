@@ -97,8 +97,18 @@ def front_behind(tmp_path):
     hold_dir = tmp_path / "hold"
     hold_dir.mkdir()
     line_port = free_port()
+    # --close-after: a carbon-c-relay gone outside a hold closes the front;
+    # the restarts below take longer than that, so a hold must keep it open.
     front = RelayProcess(
-        crelay.port, "--line-listen", f"127.0.0.1:{line_port}", "--hold-dir", str(hold_dir)
+        crelay.port,
+        "--line-listen",
+        f"127.0.0.1:{line_port}",
+        "--hold-dir",
+        str(hold_dir),
+        "--close-after",
+        "0.5",
+        "--reconnect-interval",
+        "0.2",
     )
     try:
         yield front, crelay, sinks, line_port, hold_dir
@@ -232,6 +242,33 @@ def test_oversized_line_is_skipped_and_counted_the_connection_stays(front_behind
     assert counters["lines_oversized"] == 1
     assert counters["lines"] == 1
     assert not [line for line in sinks.lines(sinks.ports[0]) if line.startswith(b"long.")]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_carbon_c_relay_gone_outside_a_hold_closes_the_front_until_it_is_back(front_behind):
+    front, crelay, sinks, line_port, _hold_dir = front_behind
+    client = socket.create_connection(("127.0.0.1", line_port))
+    client.sendall(b"gone.before 1 1700000000\n")
+    assert wait_for(lambda: numbers(sinks, b"gone.before") == [1], 15)
+    crelay.stop()  # not planned: no hold
+    assert wait_for(lambda: not _accepts(line_port) and not _accepts(front.port), 10)
+    client.settimeout(5)
+    assert client.recv(1) == b""  # closed by the front: the sender goes elsewhere
+    client.close()
+    crelay.start()
+    assert wait_for(lambda: _accepts(line_port) and _accepts(front.port), 20)
+    with socket.create_connection(("127.0.0.1", line_port)) as again:
+        again.sendall(b"gone.after 2 1700000000\n")
+    assert wait_for(lambda: numbers(sinks, b"gone.after") == [2], 15)
+    counters = front.stop()
+    assert counters["closed_front"] == 1
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,14 @@ def register_pickle(verbs: argparse._SubParsersAction) -> None:
         "(default: none, no hold)",
     )
     parser.add_argument(
+        "--close-after",
+        type=float,
+        default=Settings.close_after,
+        help="with carbon-c-relay unreachable this many seconds outside a hold, close the "
+        "listeners and the clients until it is back, so the directors take this relay out "
+        "(default %(default)g: never, only queue)",
+    )
+    parser.add_argument(
         "--upstream",
         default="{}:{}".format(*Settings.upstream),
         help="carbon-c-relay's line listener HOST:PORT (default %(default)s)",
@@ -165,6 +173,7 @@ def run_pickle(args: argparse.Namespace) -> int:
         ),
         max_line=args.max_line,
         hold_dir=args.hold_dir or None,
+        close_after=args.close_after,
         upstream=parse_hostport(args.upstream, "--upstream"),
         max_frame=args.max_frame,
         max_buffered=args.max_buffered,

@@ -78,6 +78,7 @@ COUNTERS = (
     "upstream_errors",
     "holds",
     "backpressure",
+    "closed_front",
 )
 GAUGES = ("queued", "clients", "buffered", "held")
 # How often the hold directory is looked at: a hold is in force at most this
@@ -260,6 +261,7 @@ class Upstream:
         host, port = self.settings.upstream
         self.relay.throttled.warning("upstream", f"upstream {host}:{port}: {why}")
         self.lost.set()
+        self.relay.upstream_lost()
 
     # -- the connection
 
@@ -284,6 +286,7 @@ class Upstream:
                 self.relay.throttled.warning(
                     "upstream", f"upstream {host}:{port}: cannot connect: {exc or 'timeout'}"
                 )
+                self.relay.upstream_lost()
                 await asyncio.sleep(self.settings.reconnect_interval)
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -291,6 +294,7 @@ class Upstream:
             self.lost.clear()
             self.counters["upstream_connects"] += 1
             log.info("upstream %s:%s connected", host, port)
+            self.relay.upstream_back()
             self.loop.add_reader(sock, self._readable)
             self._flush()
             await self.lost.wait()
@@ -331,6 +335,12 @@ class Client(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
+
+    def close(self) -> None:
+        """A FIN, not a reset: the sender sees the end and connects again elsewhere."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class PickleClient(Client):
@@ -541,6 +551,9 @@ class PickleRelay:
         self.upstream: Upstream | None = None
         self.server: asyncio.AbstractServer | None = None
         self.line_server: asyncio.AbstractServer | None = None
+        self.listening = False
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.reopening: asyncio.Task | None = None
         self.stopping: asyncio.Event | None = None
 
     def handle_frame(self, frame: bytes, peer: str) -> bool:
@@ -639,39 +652,7 @@ class PickleRelay:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
         self.upstream = Upstream(self)
-        host, port = settings.listen
-        try:
-            self.server = await loop.create_server(
-                lambda: PickleClient(self),
-                host,
-                port,
-                reuse_address=True,
-                backlog=settings.backlog,
-            )
-        except OSError as exc:
-            where = f"{host or '*'}:{port}"
-            raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
-        servers = [self.server]
-        if settings.line_listen is not None:
-            host, port = settings.line_listen
-            try:
-                self.line_server = await loop.create_server(
-                    lambda: LineClient(self),
-                    host,
-                    port,
-                    reuse_address=True,
-                    backlog=settings.backlog,
-                )
-            except OSError as exc:
-                self.server.close()
-                where = f"{host or '*'}:{port}"
-                raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
-            servers.append(self.line_server)
-        bound = ", ".join(
-            f"{s.getsockname()[0]}:{s.getsockname()[1]}"
-            for server in servers
-            for s in server.sockets
-        )
+        bound = await self._listen()
         log.info(
             "listening on %s, forwarding to %s:%s (%s formatter)",
             bound,
@@ -696,11 +677,90 @@ class PickleRelay:
         self.upstream.close()
         return self.snapshot()
 
+    async def _listen(self) -> str:
+        """Open the listeners (pickle, and line when asked for); where they listen."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        wanted = [(settings.listen, lambda: PickleClient(self))]
+        if settings.line_listen is not None:
+            wanted.append((settings.line_listen, lambda: LineClient(self)))
+        servers = []
+        for (host, port), protocol in wanted:
+            try:
+                server = await loop.create_server(
+                    protocol, host, port, reuse_address=True, backlog=settings.backlog
+                )
+            except OSError as exc:
+                for opened in servers:
+                    opened.close()
+                where = f"{host or '*'}:{port}"
+                raise CarbonscaleError(f"cannot listen on {where}: {exc.strerror}") from None
+            servers.append(server)
+        self.server = servers[0]
+        self.line_server = servers[1] if len(servers) > 1 else None
+        self.listening = True
+        return ", ".join(
+            "{}:{}".format(*sock.getsockname()[:2]) for server in servers for sock in server.sockets
+        )
+
+    def _close_listeners(self) -> None:
+        for server in (self.server, self.line_server):
+            if server is not None:
+                server.close()
+        self.listening = False
+
+    # -- the listeners follow carbon-c-relay (settings.close_after)
+
+    def upstream_lost(self) -> None:
+        """carbon-c-relay is away; outside a hold, close the front if it stays away."""
+        if not self.settings.close_after or self.upstream.hold_asked:
+            return
+        if self.close_timer is None and self.listening:
+            self.close_timer = asyncio.get_running_loop().call_later(
+                self.settings.close_after, self._close_front
+            )
+
+    def upstream_back(self) -> None:
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        if not self.listening and not self.stopping.is_set():
+            self.reopening = asyncio.create_task(self._reopen())
+
+    def _close_front(self) -> None:
+        """Unplanned, carbon-c-relay gone for close_after seconds: the relay cannot
+        deliver, so it must look down to the directors (closed ports) and its
+        senders must go to another relay. What is queued stays queued."""
+        self.close_timer = None
+        if self.upstream.sock is not None or self.upstream.hold_asked or not self.listening:
+            return
+        self._close_listeners()
+        self.counters["closed_front"] += 1
+        clients = list(self.clients)
+        for client in clients:
+            client.close()
+        log.warning(
+            "carbon-c-relay unreachable for %gs outside a hold: listeners closed, %d clients "
+            "closed, %d points queued for when it is back",
+            self.settings.close_after,
+            len(clients),
+            self.upstream.pending_points(),
+        )
+
+    async def _reopen(self) -> None:
+        try:
+            bound = await self._listen()
+        except CarbonscaleError as exc:
+            log.error("carbon-c-relay is back, but the listeners cannot reopen: %s", exc)
+            self.stopping.set()
+            return
+        log.info("carbon-c-relay is back: listening again on %s", bound)
+
     async def _drain(self) -> None:
         """Stop taking data, then give carbon-c-relay everything queued (up to drain_timeout)."""
-        self.server.close()
-        if self.line_server is not None:
-            self.line_server.close()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self._close_listeners()
         for client in list(self.clients):
             client.reject(None)
         # A hold ends with the relay: what is queued goes now or never.

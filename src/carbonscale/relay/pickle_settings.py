@@ -23,6 +23,10 @@ class Settings:
     # Where `carbonscale relay hold` asks the relay to stop writing to
     # carbon-c-relay, and where the relay says it has (None: no hold).
     hold_dir: str | None = None
+    # carbon-c-relay unreachable this many seconds outside a hold: listeners
+    # and clients closed until it is back, so the directors take this relay
+    # out of their pools (0: never; the relay then only queues).
+    close_after: float = 0.0
     upstream: tuple[str, int] = ("127.0.0.1", 2003)
     max_frame: int = lines.DEFAULT_MAX_FRAME
     # Bytes of unfinished frames held for all clients together: 64 frames of
@@ -60,7 +64,7 @@ class Settings:
         for name in ("stats_interval", "reconnect_interval", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise CarbonscaleError(f"--{name.replace('_', '-')} must be > 0")
-        for name in ("idle_timeout", "drain_timeout"):
+        for name in ("idle_timeout", "drain_timeout", "close_after"):
             if getattr(self, name) < 0:
                 raise CarbonscaleError(f"--{name.replace('_', '-')} must be >= 0")
         if not self.stats_prefix or any(c.isspace() for c in self.stats_prefix):
