@@ -1,7 +1,8 @@
 # carbonscale: two entry points for a new user.
 #   make lab    a real multi-host Graphite cluster in containers, deployed by site.yml
 #   make test   everything CI runs: lint, unit tests, every molecule scenario
-#               (each part's time printed at the end, and which part failed)
+#               (the cluster scenario beside the others; each part's time
+#               printed at the end, and which part and tests failed)
 #   make test-quick   lint + unit tests only: the inner loop
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -52,29 +53,22 @@ molecule-%: venv base-image
 
 molecule: $(addprefix molecule-,$(SCENARIOS))
 
-# The parts of `make test`, one after another; the first failure stops the
-# run. Each part's wall time is printed at the end, failed or not.
-TEST_PARTS := lint unit $(addprefix molecule-,$(SCENARIOS))
-QUICK_PARTS := lint unit
+# The stages of `make test` (scripts/timed-parts.sh): lint, unit, then the
+# cluster scenario (the longest) beside the other scenarios one after another.
+# The first failing stage stops the run; each part's time is printed at the
+# end, with the failing tests of a part that failed.
+OTHER_SCENARIOS := $(filter-out cluster,$(SCENARIOS))
+MOLECULE_STAGE := molecule-cluster | $(addprefix molecule-,$(OTHER_SCENARIOS))
 
 test: preflight venv host-deps base-image
-	@$(MAKE) --no-print-directory timed-parts PARTS="$(TEST_PARTS)"
+	@scripts/timed-parts.sh lint unit "$(MOLECULE_STAGE)"
 
 test-quick: venv host-deps base-image
-	@$(MAKE) --no-print-directory timed-parts PARTS="$(QUICK_PARTS)"
+	@scripts/timed-parts.sh lint unit
 
-# Runs each of $(PARTS) as its own make target and prints a table of times.
+# Any parts, one after another, timed: make timed-parts PARTS="lint molecule-migrate".
 timed-parts:
-	@times=(); failed=""; total_start=$$(date +%s); \
-	for part in $(PARTS); do \
-	  echo "=== $$part"; start=$$(date +%s); \
-	  if $(MAKE) --no-print-directory $$part; then status=passed; else status=FAILED; fi; \
-	  times+=("$$(printf '%-22s %6d s  %s' "$$part" $$(( $$(date +%s) - start )) $$status)"); \
-	  if [ $$status = FAILED ]; then failed=$$part; break; fi; \
-	done; \
-	echo "=== time per part"; printf '%s\n' "$${times[@]}"; \
-	printf '%-22s %6d s\n' total $$(( $$(date +%s) - total_start )); \
-	if [ -n "$$failed" ]; then echo "=== FAILED: $$failed (later parts not run)"; exit 1; fi
+	@scripts/timed-parts.sh $(PARTS)
 
 lab: preflight venv host-deps base-image
 	scripts/lab.sh up
