@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from pickle_relay_harness import LineSink, RelayProcess, frame
+from relay_oracle import needs_relay
+from test_fabfile import fab, site, sshd  # noqa: F401 (site, sshd: fixtures)
 
 from carbonscale import stackdump
 from carbonscale.cli import build_parser
@@ -320,3 +322,44 @@ def test_bad_input_is_one_line_exit_2(args, message):
 
 def test_instance_unit():
     assert instance_unit("a") == "carbon-cache@a.service"
+
+
+# ------------------------------------------------------------ the fab task
+# test_fabfile's throwaway sshd and inventory (its storage hosts all reach this
+# machine over SSH); its tier is placed by carbon-c-relay -t, hence needs_relay.
+
+
+def test_fab_stacks_is_listed_with_its_help():
+    out = fab("--list")
+    assert out.returncode == 0, out.stderr
+    assert any(line.split()[:2] == ["stacks", "Every"] for line in out.stdout.splitlines())
+
+
+@needs_relay
+def test_fab_stacks_refuses_an_instance_the_host_does_not_have(site):  # noqa: F811
+    inventory, _, _ = site
+    out = fab("stacks", "storage1", "-i", str(inventory), "--instance", "zz")
+    assert out.returncode == 2
+    assert out.stderr == (
+        "fab: error: storage1 has no carbon-cache instance 'zz' (its carbon_instances: a, b)\n"
+    )
+    out = fab("stacks", "ghost", "-i", str(inventory))
+    assert out.returncode == 2
+    assert out.stderr.startswith("fab: error: no host or group 'ghost' in inventory")
+
+
+@needs_relay
+def test_fab_stacks_names_each_host_that_cannot_dump_with_the_reason(site):  # noqa: F811
+    """Here the hosts are this machine, where no carbon-cache@a runs (or no
+    systemd at all), and one host that does not answer: each is named with its
+    one-line reason."""
+    inventory, _, names = site
+    out = fab("stacks", "storage,spare", "-i", str(inventory), "--unit", "carbon-cache@a")
+    assert out.returncode == 1
+    lines = sorted(out.stderr.strip().splitlines())
+    assert [line.split(":")[0:2] for line in lines] == [
+        ["fab", f" {name}"] for name in sorted([*names.values(), "storage9"])
+    ]
+    for line in lines[:-1]:
+        assert "carbon-cache@a.service" in line or "systemctl" in line, line
+    assert "cannot reach 127.0.0.1:" in lines[-1]
