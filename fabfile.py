@@ -394,7 +394,7 @@ def migration_status(c, inventory=DEFAULT_INVENTORY, on="storage", plan="", json
         "host": "a host (or group) of the inventory",
         "instance": "a carbon-cache instance there (default: every instance and carbonscale "
         "daemon running there)",
-        "unit": "or any unit whose daemon has the handler, e.g. carbonscale-pickle-relay",
+        "unit": "or a carbonscale daemon's unit, e.g. carbonscale-pickle-relay",
         "timeout": "seconds to wait for each dump (default 10)",
         "inventory": COMMON_HELP["inventory"],
         "json": COMMON_HELP["json"],

@@ -25,13 +25,14 @@ from pickle_relay_harness import LineSink, RelayProcess, frame
 from relay_oracle import needs_relay
 from test_fabfile import fab, site, sshd  # noqa: F401 (site, sshd: fixtures)
 
-from carbonscale import stackdump
+from carbonscale import CarbonscaleError, stackdump
 from carbonscale.cli import build_parser
 from carbonscale.ops.stacks import (
     catches,
     collect_dump,
     instance_unit,
     is_dump_line,
+    known_unit,
     parse_dump,
     stack_errors,
     stacks_table,
@@ -70,7 +71,7 @@ def functions(threads: list[dict]) -> list[set[str]]:
 HOOKED = textwrap.dedent(
     """
     import sys, threading, time
-    from carbonscale import stackdump
+    from carbonscale import CarbonscaleError, stackdump
     stackdump.install()
 
     def writer_waits_in_a_named_function(ready):
@@ -242,7 +243,7 @@ def test_a_daemon_verb_installs_the_handler_and_another_verb_does_not():
     probe = textwrap.dedent(
         """
         import signal, sys
-        from carbonscale import stackdump
+        from carbonscale import CarbonscaleError, stackdump
         from carbonscale.commands import ops, relay
         from carbonscale.ops.stacks import catches
         import os
@@ -311,6 +312,12 @@ def test_table_and_errors_name_host_unit_and_pid():
     [
         (["--instance", "a b"], "'a b' is not a carbon-cache instance name"),
         (["--instance", "a", "--timeout", "0"], "--timeout must be > 0"),
+        (
+            ["--unit", "systemd-journald"],
+            "systemd-journald is not a unit with the stack-dump handler: carbon-cache@NAME or "
+            "carbonscale-pickle-relay, carbonscale-statsd-relay, carbonscale-lvs-pool, "
+            "carbonscale-migrate-serve",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -320,8 +327,14 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert len(run.stderr.splitlines()) == 1
 
 
-def test_instance_unit():
+def test_instance_and_known_units():
     assert instance_unit("a") == "carbon-cache@a.service"
+    assert known_unit("carbon-cache@b") == "carbon-cache@b.service"
+    assert known_unit("carbonscale-pickle-relay") == "carbonscale-pickle-relay.service"
+    assert known_unit("carbonscale-lvs-pool.service") == "carbonscale-lvs-pool.service"
+    for bad in ("carbon-cache@", "carbon-cache@a b", "carbon-cache.service", "nginx"):
+        with pytest.raises(CarbonscaleError, match="not a unit with the stack-dump handler"):
+            known_unit(bad)
 
 
 # ------------------------------------------------------------ the fab task

@@ -231,7 +231,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "carbonscale daemon running here)",
     )  # fmt: skip
     stacks.add_argument(
-        "--unit", action="append", default=[], help="any unit whose daemon has the handler"
+        "--unit",
+        action="append",
+        default=[],
+        help="a carbonscale daemon's unit, e.g. carbonscale-pickle-relay (repeat)",
     )
     stacks.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for each dump (default 10)"

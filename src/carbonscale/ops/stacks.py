@@ -69,6 +69,21 @@ def instance_unit(name: str) -> str:
     return CARBON_CACHE_UNIT.format(name)
 
 
+def known_unit(unit: str) -> str:
+    """The unit's full name, if it is one whose daemon has the handler: another
+    daemon may take SIGUSR2 for something else (journald rotates its files)."""
+    name = unit if unit.endswith(".service") else f"{unit}.service"
+    instance = name.removeprefix("carbon-cache@").removesuffix(".service")
+    if name.startswith("carbon-cache@") and INSTANCE_NAME.match(instance):
+        return name
+    if name in DAEMON_UNITS:
+        return name
+    known = ", ".join(u.removesuffix(".service") for u in DAEMON_UNITS)
+    raise CarbonscaleError(
+        f"{unit} is not a unit with the stack-dump handler: carbon-cache@NAME or {known}"
+    )
+
+
 def running_units() -> list[str]:
     """The carbon-cache instances and carbonscale daemons running here."""
     out = _run(["systemctl", "list-units", "--type=service", "--state=running",
@@ -251,7 +266,7 @@ def stacks_here(
     CarbonscaleError before any signal is sent); with neither, every running
     carbon-cache instance and carbonscale daemon is dumped, and one that cannot
     be is reported with the reason."""
-    named = [instance_unit(name) for name in instances] + list(units)
+    named = [instance_unit(name) for name in instances] + [known_unit(u) for u in units]
     report: list[dict] = []
     targets: list[Target] = []
     try:
