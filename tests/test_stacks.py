@@ -104,7 +104,8 @@ def test_a_hooked_process_dumps_every_thread_and_keeps_running(hooked):
     stderr = StderrLines(hooked.stderr)
     assert catches(hooked.pid, SIGNAL)
     os.kill(hooked.pid, SIGNAL)
-    lines = collect_dump(stderr, timeout=10, quiet=0.3)
+    lines, complete = collect_dump(stderr, timeout=10)
+    assert complete  # ended by the marker, not by a pause
     threads = parse_dump(lines)
     assert len(threads) == 2, lines
     assert "log line before the dump" not in lines
@@ -118,7 +119,62 @@ def test_a_hooked_process_dumps_every_thread_and_keeps_running(hooked):
     assert hooked.poll() is None, "the signal killed the process"
     # A second dump: the handler stays.
     os.kill(hooked.pid, SIGNAL)
-    assert len(parse_dump(collect_dump(stderr, timeout=10, quiet=0.3))) == 2
+    lines, complete = collect_dump(stderr, timeout=10)
+    assert complete and len(parse_dump(lines)) == 2
+    assert stackdump.END_MARKER not in lines
+
+
+STUCK_IN_C = textwrap.dedent(
+    """
+    import itertools, threading, time
+    from carbonscale import stackdump
+    stackdump.install()
+
+    def worker_waits():
+        threading.Event().wait()
+
+    threading.Thread(target=worker_waits, daemon=True).start()
+    time.sleep(0.2)
+    print("ready", flush=True)
+    sum(itertools.repeat(1, 10**12))  # a C loop that holds the GIL: no Python runs
+    """
+)
+
+
+def test_a_main_thread_stuck_in_c_still_dumps_without_the_end_marker():
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_C], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        stderr = StderrLines(proc.stderr)
+        os.kill(proc.pid, SIGNAL)
+        start = time.monotonic()
+        lines, complete = collect_dump(stderr, timeout=10, quiet=1.0)
+        assert not complete
+        assert time.monotonic() - start >= 1.0  # ended by the pause
+        threads = parse_dump(lines)
+        assert [t["current"] for t in threads] == [False, True]
+        assert "worker_waits" in functions(threads)[0]
+        assert threads[1]["frames"][-1]["function"] == "<module>"
+        table = stacks_table(
+            {
+                "": {
+                    "units": [
+                        {
+                            "unit": "u",
+                            "pid": proc.pid,
+                            "lines": lines,
+                            "threads": threads,
+                            "complete": False,
+                        }
+                    ]
+                }
+            }
+        )
+        assert table.endswith("the dump may be cut)")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_no_dump_within_the_timeout_is_none():
@@ -157,7 +213,9 @@ def test_the_pickle_relay_daemon_dumps_its_stacks_and_keeps_relaying():
             new, taken = relay.log[taken:], len(relay.log)
             return new
 
-        threads = parse_dump(collect_dump(new_lines, timeout=10, quiet=0.3))
+        lines, complete = collect_dump(new_lines, timeout=10)
+        assert complete
+        threads = parse_dump(lines)
         assert threads
         files = {f["file"] for t in threads for f in t["frames"]}
         assert any(f.endswith("carbonscale/relay/pickle_relay.py") for f in files), files
@@ -202,7 +260,9 @@ def test_the_statsd_relay_and_its_forked_workers_have_the_handler():
         workers = _children(proc.pid)
         assert all(catches(pid, SIGNAL) for pid in [proc.pid, *workers])
         os.kill(proc.pid, SIGNAL)
-        threads = parse_dump(collect_dump(stderr, timeout=10, quiet=0.3))
+        lines, complete = collect_dump(stderr, timeout=10)
+        assert complete
+        threads = parse_dump(lines)
         files = {f["file"] for t in threads for f in t["frames"]}
         assert any(f.endswith("carbonscale/relay/statsd/supervisor.py") for f in files), files
         time.sleep(0.3)
@@ -257,12 +317,52 @@ def test_a_daemon_verb_installs_the_handler_and_another_verb_does_not():
     assert out.stdout.split() == ["False", "True"]
 
 
-def test_carbon_caches_launcher_registers_the_same_signal():
-    launcher = (REPO / "roles/carbon_storage/files/carbon-cache-drained.py").read_text()
-    assert (
-        f"faulthandler.register(signal.{stackdump.STACK_SIGNAL_NAME}, file=sys.stderr, "
-        "all_threads=True)" in launcher
+def test_carbon_caches_launcher_dumps_and_ends_with_the_marker(tmp_path):
+    """roles/carbon_storage's launcher, run as the unit runs it, over a stand-in
+    for carbon's run_twistd_plugin (a writer thread in writeForever, the main
+    thread waiting as twisted's reactor does): its own handler dumps both and
+    ends with the marker. molecule/migrate does the same against carbon."""
+    carbon = tmp_path / "carbon"
+    carbon.mkdir()
+    (carbon / "__init__.py").write_text("")
+    (carbon / "exceptions.py").write_text("class CarbonConfigException(Exception):\n    pass\n")
+    (carbon / "util.py").write_text(
+        textwrap.dedent(
+            """
+            import threading, time
+
+            def writeForever():
+                threading.Event().wait()
+
+            def run_twistd_plugin(filename):
+                threading.Thread(target=writeForever, daemon=True).start()
+                print("ready", filename, flush=True)
+                while True:
+                    time.sleep(0.05)
+            """
+        )
     )
+    launcher = REPO / "roles/carbon_storage/files/carbon-cache-drained.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(launcher), "--instance=a", "--nodaemon", "start"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready /usr/bin/carbon-cache\n"
+        assert catches(proc.pid, SIGNAL)
+        stderr = StderrLines(proc.stderr)
+        os.kill(proc.pid, SIGNAL)
+        lines, complete = collect_dump(stderr, timeout=10)
+        assert complete
+        threads = parse_dump(lines)
+        assert any("writeForever" in names for names in functions(threads)), lines
+        assert any(f["file"] == str(launcher) for t in threads for f in t["frames"])
+        time.sleep(0.3)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_dump_lines_and_python_3_12_headers():
@@ -327,8 +427,17 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert len(run.stderr.splitlines()) == 1
 
 
-def test_instance_and_known_units():
-    assert instance_unit("a") == "carbon-cache@a.service"
+def test_instance_and_known_units(tmp_path):
+    conf = tmp_path / "carbon.conf"
+    assert instance_unit("a", str(conf)) == "carbon-cache@a.service"  # no carbon.conf here
+    conf.write_text(
+        "[cache]\nLOG_DIR = /var/log/%(instance)s\n[cache:a]\nLINE_RECEIVER_PORT = 2103\n"
+        "[cache:b-2]\nLINE_RECEIVER_PORT = 2203\n[relay]\nLINE_RECEIVER_PORT = 2013\n"
+    )
+    assert instance_unit("b-2", str(conf)) == "carbon-cache@b-2.service"
+    with pytest.raises(CarbonscaleError) as refused:
+        instance_unit("zz", str(conf))
+    assert str(refused.value) == f"no carbon-cache instance 'zz' here: {conf} has a, b-2"
     assert known_unit("carbon-cache@b") == "carbon-cache@b.service"
     assert known_unit("carbonscale-pickle-relay") == "carbonscale-pickle-relay.service"
     assert known_unit("carbonscale-lvs-pool.service") == "carbonscale-lvs-pool.service"

@@ -13,6 +13,12 @@ its log file, SIGTERM and SIGINT to stop; SIGUSR2 is twistd's only under
 `twistd --debug` (a pdb prompt), which no unit runs. carbonscale's daemons
 handle SIGTERM and SIGINT only. A process without the handler dies of
 SIGUSR2, so `ops stacks` checks that the handler is there before it sends it.
+
+faulthandler writes no end to its dump. So a Python handler, which
+faulthandler calls after the dump (chain=True), writes END_MARKER: a reader
+knows the dump is whole when it sees it. Python runs that handler in the main
+thread at its next bytecode (a blocked lock.acquire or select returns for it);
+a main thread stuck in C never writes it, and the reader says so.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 # By name: `signal` is imported only where a signal is sent or handled, not on
 # every start of the CLI.
 STACK_SIGNAL_NAME = "SIGUSR2"
+END_MARKER = "-- end of stack dump --"
 
 # The verbs systemd runs as long-lived services (their roles' units); the CLI
 # installs the handler for these only, once, before the verb runs. A name is
@@ -48,12 +55,19 @@ def verb_name(func) -> str:
 
 
 def install(file=None) -> None:
-    """Dump every thread's stack to file (default stderr) on the stack signal.
+    """Dump every thread's stack to file (default stderr) on the stack signal,
+    then END_MARKER. Call it from the main thread (signal.signal's rule).
 
-    Forked children (the statsd relay's workers) inherit the handler."""
+    Forked children (the statsd relay's workers) inherit the handlers."""
     import faulthandler
+    import os
+    import signal
 
-    faulthandler.register(stack_signal(), file=file or sys.stderr, all_threads=True)
+    out = file or sys.stderr
+    fd = out.fileno()
+    end = f"{END_MARKER}\n".encode()
+    signal.signal(stack_signal(), lambda signum, frame: os.write(fd, end))
+    faulthandler.register(stack_signal(), file=out, all_threads=True, chain=True)
 
 
 def install_for_daemon(func) -> bool:

@@ -183,7 +183,7 @@ def test_stacks_show_carbons_writer_thread_and_the_instance_keeps_running(host):
     took = time.monotonic() - start
     assert run.rc == 0, run.stderr
     [unit] = json.loads(run.stdout)["units"]
-    assert (unit["unit"], unit["pid"]) == ("carbon-cache@a.service", pid)
+    assert (unit["unit"], unit["pid"], unit["complete"]) == ("carbon-cache@a.service", pid, True)
     print(f"{_name(host)}: carbon-cache@a, {len(unit['threads'])} threads in {took:.1f} s")
     writers = [t for t in unit["threads"] if ("writer.py", "writeForever") in _functions(t)]
     assert len(writers) == 1, unit["lines"]
@@ -226,11 +226,11 @@ def test_stacks_of_every_daemon_here_and_of_a_stopped_instance(host):
     assert set(units) == {"carbon-cache@a.service", "carbonscale-migrate-serve.service"}
     serve = units["carbonscale-migrate-serve.service"]
     assert serve["pid"] == _main_pid(host, "carbonscale-migrate-serve")
+    assert serve["complete"] and units["carbon-cache@a.service"]["complete"]
     assert any(("migrate.py", "run_serve") in _functions(t) for t in serve["threads"]), serve
     assert host.service("carbonscale-migrate-serve").is_running
     run = host.run("carbonscale ops stacks --instance zz")
     assert run.rc == 2
     assert run.stderr == (
-        "carbonscale: error: no unit carbon-cache@zz.service on this host "
-        "(is the instance in this host's carbon_instances?)\n"
+        "carbonscale: error: no carbon-cache instance 'zz' here: /etc/carbon/carbon.conf has a, b\n"
     )

@@ -18,6 +18,7 @@ Same arguments as /usr/bin/carbon-cache.
 import faulthandler
 import importlib.abc
 import importlib.util
+import os
 import signal
 import sys
 
@@ -27,9 +28,12 @@ import sys
 # twistd binds SIGUSR2 only under its own --debug, which the unit does not
 # pass. The same signal as carbonscale's daemons (carbonscale.stackdump).
 # faulthandler writes from a C signal handler, so a deadlocked carbon dumps
-# too. Registered before twistd starts; the unit runs it with --nodaemon, so
-# fd 2 stays systemd's journal stream.
-faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+# too. The Python handler it chains to ends the dump with the marker `ops
+# stacks` waits for (carbonscale.stackdump.install does the same). Registered
+# before twistd starts; the unit runs it with --nodaemon, so fd 2 stays
+# systemd's journal stream.
+signal.signal(signal.SIGUSR2, lambda signum, frame: os.write(2, b"-- end of stack dump --\n"))
+faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=True)
 
 
 def _drain_at_shutdown(writer) -> None:

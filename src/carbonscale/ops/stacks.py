@@ -9,9 +9,10 @@ journal's position, send the signal through a pidfd (a restart in between
 cannot turn it on another process), and read the unit's new journal lines
 until the dump is complete.
 
-A dump ends with no end marker: faulthandler writes it at once from its signal
-handler, so it is complete once the process's lines stop coming for a moment
-(`quiet`) after its first thread header.
+The dump is whole at its END_MARKER (carbonscale.stackdump). A main thread
+stuck in C never writes the marker; then the dump (faulthandler writes it at
+once, from its signal handler) is taken as whole once the process's lines stop
+coming for `quiet` seconds, and said to be possibly cut.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import time
 from collections.abc import Callable, Mapping
 
 from carbonscale import CarbonscaleError
-from carbonscale.stackdump import STACK_SIGNAL_NAME, stack_signal
+from carbonscale.stackdump import END_MARKER, STACK_SIGNAL_NAME, stack_signal
 from carbonscale.storage import INSTANCE_NAME
 
 CARBON_CACHE_UNIT = "carbon-cache@{}.service"
+# Where roles/carbon_storage writes each instance's [cache:NAME] section.
+CARBON_CONF = "/etc/carbon/carbon.conf"
 # carbonscale's own daemons (their roles' units); without --instance or --unit
 # every one of these and every carbon-cache instance that runs is dumped.
 DAEMON_UNITS = (
@@ -60,11 +63,33 @@ def _run(argv: list[str]) -> str:
     return done.stdout
 
 
-def instance_unit(name: str) -> str:
-    """carbon-cache@NAME.service, for a name carbon_storage accepts."""
+def configured_instances(carbon_conf: str = CARBON_CONF) -> list[str] | None:
+    """The instances of carbon.conf's [cache:NAME] sections; None without the file."""
+    import configparser
+
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    try:
+        with open(carbon_conf) as conf:
+            parser.read_file(conf)
+    except FileNotFoundError:
+        return None
+    except (OSError, configparser.Error) as exc:
+        raise CarbonscaleError(f"cannot read {carbon_conf}: {exc}") from None
+    return [s.partition(":")[2] for s in parser.sections() if s.startswith("cache:")]
+
+
+def instance_unit(name: str, carbon_conf: str = CARBON_CONF) -> str:
+    """carbon-cache@NAME.service, for an instance carbon.conf has (systemd alone
+    cannot tell: any name instantiates the template unit)."""
     if not INSTANCE_NAME.match(name):
         raise CarbonscaleError(
             f"{name!r} is not a carbon-cache instance name (letters, digits, _ and -)"
+        )
+    instances = configured_instances(carbon_conf)
+    if instances is not None and name not in instances:
+        raise CarbonscaleError(
+            f"no carbon-cache instance {name!r} here: {carbon_conf} has "
+            f"{', '.join(instances) or 'none'}"
         )
     return CARBON_CACHE_UNIT.format(name)
 
@@ -103,10 +128,7 @@ def main_process(unit: str) -> tuple[str, int]:
     state = unit_state(unit)
     name = state.get("Id") or unit
     if state.get("LoadState") == "not-found":
-        hint = ""
-        if name.startswith("carbon-cache@"):
-            hint = " (is the instance in this host's carbon_instances?)"
-        raise CarbonscaleError(f"no unit {name} on this host{hint}")
+        raise CarbonscaleError(f"no unit {name} on this host")
     pid = int(state.get("MainPID") or 0)
     if state.get("ActiveState") != "active" or pid == 0:
         raise CarbonscaleError(
@@ -203,13 +225,14 @@ def is_dump_line(text: str) -> bool:
 def collect_dump(
     read: Callable[[], list[str]],
     timeout: float,
-    quiet: float = 0.5,
+    quiet: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> list[str] | None:
-    """The dump's lines among read()'s new lines: from the first thread header
-    on, until `quiet` seconds pass without another; None when no header came
-    within `timeout`. The process's other lines are left out."""
+) -> tuple[list[str], bool] | None:
+    """(the dump's lines, whether it ended with END_MARKER) among read()'s new
+    lines: from the first thread header on, to the marker, or else until
+    `quiet` seconds pass without a line; None when no header came within
+    `timeout`. The process's other lines are left out."""
     lines: list[str] = []
     started = False
     deadline = clock() + timeout
@@ -218,16 +241,22 @@ def collect_dump(
         now = clock()
         for text in read():
             started = started or bool(THREAD_HEADER.match(text))
+            if started and text == END_MARKER:
+                return _trimmed(lines), True
             if started and is_dump_line(text):
                 lines.append(text)
                 newest = now
         if started and (now - newest >= quiet or now >= deadline + quiet):
-            while lines and not lines[-1]:
-                lines.pop()
-            return lines
+            return _trimmed(lines), False
         if not started and now >= deadline:
             return None
         sleep(POLL_SECONDS)
+
+
+def _trimmed(lines: list[str]) -> list[str]:
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 def parse_dump(lines: list[str]) -> list[dict]:
@@ -258,7 +287,11 @@ def parse_dump(lines: list[str]) -> list[dict]:
 
 
 def stacks_here(
-    instances: list[str], units: list[str], timeout: float = 10.0, quiet: float = 0.5
+    instances: list[str],
+    units: list[str],
+    timeout: float = 10.0,
+    quiet: float = 1.0,
+    carbon_conf: str = CARBON_CONF,
 ) -> dict:
     """{"units": [{unit, pid, threads, lines} or {unit, error}]}.
 
@@ -266,7 +299,8 @@ def stacks_here(
     CarbonscaleError before any signal is sent); with neither, every running
     carbon-cache instance and carbonscale daemon is dumped, and one that cannot
     be is reported with the reason."""
-    named = [instance_unit(name) for name in instances] + [known_unit(u) for u in units]
+    named = [instance_unit(name, carbon_conf) for name in instances]
+    named += [known_unit(unit) for unit in units]
     report: list[dict] = []
     targets: list[Target] = []
     try:
@@ -288,16 +322,16 @@ def stacks_here(
         target.signal()
     for target in targets:
         entry: dict = {"unit": target.unit, "pid": target.pid}
-        lines = collect_dump(JournalReader(target.unit, target.pid, cursor), timeout, quiet)
-        if lines is None:
+        dump = collect_dump(JournalReader(target.unit, target.pid, cursor), timeout, quiet)
+        if dump is None:
             entry["error"] = (
                 f"{target.unit} (pid {target.pid}): no stack dump in its journal within "
                 f"{timeout:g} s "
                 "(is its stderr the journal?)"
             )
         else:
-            entry["threads"] = parse_dump(lines)
-            entry["lines"] = lines
+            entry["lines"], entry["complete"] = dump
+            entry["threads"] = parse_dump(entry["lines"])
         report.append(entry)
     return {"units": report}
 
@@ -323,5 +357,10 @@ def stacks_table(answers: Mapping[str, dict]) -> str:
             count = len(unit["threads"])
             out.append(f"== {where}{unit['unit']} (pid {unit['pid']}), {count} threads ==")
             out.extend(unit["lines"])
+            if not unit.get("complete", True):
+                out.append(
+                    "(no end marker: the main thread ran no Python code since the signal, "
+                    "the dump may be cut)"
+                )
             out.append("")
     return "\n".join(out).rstrip("\n")
