@@ -138,9 +138,10 @@ def run_stacks(args: argparse.Namespace) -> int:
         raise CarbonscaleError("--timeout must be > 0")
     report = stacks_here(args.instance, args.unit, args.timeout)
     _out(args, report, stacks_table({"": report}))
-    for line in stack_errors({"": report}):
+    errors = stack_errors({"": report})
+    for line in errors:  # a unit that did not dump; the others are printed
         print(f"carbonscale: {line}", file=sys.stderr)
-    return ExitStatus.PROBLEM if stack_errors({"": report}) else ExitStatus.OK
+    return ExitStatus.PROBLEM if errors else ExitStatus.OK
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
