@@ -15,6 +15,7 @@ reason on stderr while the others still report, and the task exits 1; bad input
     fab hot-metrics --seconds 30      (or --pcap FILE, analysed here)
     fab relays
     fab migration-status
+    fab stacks storage1 --instance a  (every thread's stack of carbon-cache@a there)
 """
 
 from __future__ import annotations
@@ -385,3 +386,47 @@ def migration_status(c, inventory=DEFAULT_INVENTORY, on="storage", plan="", json
 
     answers, failures = run_everywhere(cluster, hosts, command)
     report(answers, migration_table(answers), failures, json)
+
+
+@task(
+    # invoke's positional arguments cannot be optional: the instance is --instance.
+    # inventory comes first in the signature so that -i is --inventory, as in
+    # the other tasks.
+    positional=["host"],
+    help={
+        "host": "a host (or group) of the inventory",
+        "instance": "a carbon-cache instance there (default: every instance and carbonscale "
+        "daemon running there)",
+        "unit": "or a carbonscale daemon's unit, e.g. carbonscale-pickle-relay",
+        "timeout": "seconds to wait for each dump (default 10)",
+        "inventory": COMMON_HELP["inventory"],
+        "json": COMMON_HELP["json"],
+    },
+)
+def stacks(c, host, inventory=DEFAULT_INVENTORY, instance="", unit="", timeout=10, json=False):
+    """Every thread's stack of carbon-cache instances and carbonscale daemons.
+
+    Signals the daemon (SIGUSR2, whose handler the roles install), reads the
+    dump back from its journal and prints it: what carbon's writer thread, or
+    a relay's, is doing right now."""
+    from carbonscale.ops.stacks import stacks_table
+
+    cluster = Cluster(inventory)
+    hosts = cluster.select(host)
+    extra = ["--timeout", str(timeout)]
+    if instance:
+        for name in hosts:
+            instances = [i.get("name") for i in cluster.var(name, "carbon_instances") or []]
+            if instance not in instances:
+                raise Exit(
+                    f"fab: error: {name} has no carbon-cache instance {instance!r} "
+                    f"(its carbon_instances: {', '.join(instances) or 'none'})",
+                    code=2,
+                )
+        extra += ["--instance", instance]
+    if unit:
+        extra += ["--unit", unit]
+    answers, failures = run_everywhere(
+        cluster, hosts, lambda h: _verb(cluster, h, "stacks", *extra)
+    )
+    report(answers, stacks_table(answers), failures, json)

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    # Daemon verbs dump every thread's stack to the journal on a signal.
+    from carbonscale import stackdump
+
+    stackdump.install_for_daemon(args.func)
     try:
         return int(args.func(args) or ExitStatus.OK)
     except CarbonscaleError as exc:

@@ -164,3 +164,73 @@ def test_a_restart_writes_the_cache_out_first(host):
     assert host.service("carbon-cache@a").is_running
     missing = [p for p in paths if _fetch(host, p).get(last) != 2.0]
     assert missing == [], f"{len(missing)} of 50 files lack the point sent just before the restart"
+
+
+def _main_pid(host, unit):
+    return int(host.check_output(f"systemctl show -p MainPID --value {unit}"))
+
+
+def _functions(thread):
+    return {(f["file"].rpartition("/")[2], f["function"]) for f in thread["frames"]}
+
+
+def test_stacks_show_carbons_writer_thread_and_the_instance_keeps_running(host):
+    """`carbonscale ops stacks` signals carbon-cache@a (the launcher's SIGUSR2
+    handler) and reads every thread's stack back from its journal."""
+    pid = _main_pid(host, "carbon-cache@a")
+    start = time.monotonic()
+    run = host.run("carbonscale ops stacks --instance a --json")
+    took = time.monotonic() - start
+    assert run.rc == 0, run.stderr
+    [unit] = json.loads(run.stdout)["units"]
+    assert (unit["unit"], unit["pid"], unit["complete"]) == ("carbon-cache@a.service", pid, True)
+    print(f"{_name(host)}: carbon-cache@a, {len(unit['threads'])} threads in {took:.1f} s")
+    writers = [t for t in unit["threads"] if ("writer.py", "writeForever") in _functions(t)]
+    assert len(writers) == 1, unit["lines"]
+    assert any(f["file"].endswith("/carbon/writer.py") for f in writers[0]["frames"])
+    [main] = [t for t in unit["threads"] if t["current"]]  # the reactor ran the handler
+    assert ("carbon-cache-drained", "<module>") in _functions(main), unit["lines"]
+    assert ("base.py", "mainLoop") in _functions(main), unit["lines"]
+    # Alive, the same process, and its writer still writes.
+    assert host.service("carbon-cache@a").is_running
+    assert _main_pid(host, "carbon-cache@a") == pid
+    prefix = f"molecule.storage.stacks.run{time.time_ns()}."
+    host.check_output(
+        f"carbonscale gen -c 3 -x 1 -i {INTERVAL} -p {prefix} "
+        f"--send 127.0.0.1:{INSTANCES['a']['line_port']}"
+    )
+    paths = [f"{WHISPER}/{prefix.replace('.', '/')}{i:06d}.wsp" for i in range(3)]
+    assert _wait_for(host, paths) == []
+    # The text form: a header naming unit, pid and threads, then the dump.
+    text = host.check_output("carbonscale ops stacks --instance a")
+    assert text.splitlines()[0].startswith(f"== carbon-cache@a.service (pid {pid}), ")
+    assert "in writeForever" in text
+
+
+def test_stacks_of_every_daemon_here_and_of_a_stopped_instance(host):
+    """Without --instance: every carbon-cache instance and carbonscale daemon
+    running (the migration file service is one); a stopped instance or one the
+    host does not have is one line and exit 2."""
+    host.check_output("systemctl stop carbon-cache@b")
+    try:
+        run = host.run("carbonscale ops stacks --instance b")
+        assert run.rc == 2
+        assert run.stderr == (
+            "carbonscale: error: carbon-cache@b.service is not running (inactive/dead)\n"
+        )
+        run = host.run("carbonscale ops stacks --json")
+        assert run.rc == 0, run.stderr
+        units = {u["unit"]: u for u in json.loads(run.stdout)["units"]}
+    finally:
+        host.check_output("systemctl start carbon-cache@b")
+    assert set(units) == {"carbon-cache@a.service", "carbonscale-migrate-serve.service"}
+    serve = units["carbonscale-migrate-serve.service"]
+    assert serve["pid"] == _main_pid(host, "carbonscale-migrate-serve")
+    assert serve["complete"] and units["carbon-cache@a.service"]["complete"]
+    assert any(("migrate.py", "run_serve") in _functions(t) for t in serve["threads"]), serve
+    assert host.service("carbonscale-migrate-serve").is_running
+    run = host.run("carbonscale ops stacks --instance zz")
+    assert run.rc == 2
+    assert run.stderr == (
+        "carbonscale: error: no carbon-cache instance 'zz' here: /etc/carbon/carbon.conf has a, b\n"
+    )

@@ -10,12 +10,30 @@ shutdown trigger in the reactor's last phase ("after"), when the listeners are
 closed and the writer thread has been joined: a final pass of carbon's own
 writeCachedDataPoints() over what is left in the cache.
 
+It also dumps every thread's Python stack to stderr on SIGUSR2 (see below).
+
 Same arguments as /usr/bin/carbon-cache.
 """
 
+import faulthandler
 import importlib.abc
 import importlib.util
+import os
+import signal
 import sys
+
+# Every thread's stack (the writer thread's writeForever among them) on
+# SIGUSR2, for `carbonscale ops stacks --instance NAME`. SIGUSR2 because carbon
+# ignores SIGHUP and twistd takes SIGUSR1 (log rotation), SIGTERM and SIGINT;
+# twistd binds SIGUSR2 only under its own --debug, which the unit does not
+# pass. The same signal as carbonscale's daemons (carbonscale.stackdump).
+# faulthandler writes from a C signal handler, so a deadlocked carbon dumps
+# too. The Python handler it chains to ends the dump with the marker `ops
+# stacks` waits for (carbonscale.stackdump.install does the same). Registered
+# before twistd starts; the unit runs it with --nodaemon, so fd 2 stays
+# systemd's journal stream.
+signal.signal(signal.SIGUSR2, lambda signum, frame: os.write(2, b"-- end of stack dump --\n"))
+faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True, chain=True)
 
 
 def _drain_at_shutdown(writer) -> None:

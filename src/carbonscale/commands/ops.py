@@ -131,6 +131,19 @@ def run_migration_status(args: argparse.Namespace) -> int:
     return _out(args, report, migration_table({"this host": report}))
 
 
+def run_stacks(args: argparse.Namespace) -> int:
+    from carbonscale.ops.stacks import stack_errors, stacks_here, stacks_table
+
+    if args.timeout <= 0:
+        raise CarbonscaleError("--timeout must be > 0")
+    report = stacks_here(args.instance, args.unit, args.timeout)
+    _out(args, report, stacks_table({"": report}))
+    errors = stack_errors({"": report})
+    for line in errors:  # a unit that did not dump; the others are printed
+        print(f"carbonscale: {line}", file=sys.stderr)
+    return ExitStatus.PROBLEM if errors else ExitStatus.OK
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "ops",
@@ -208,7 +221,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     migration.add_argument("--plan-id", metavar="ID", help="only this plan")
     migration.set_defaults(func=run_migration_status)
 
-    for verb in (lookup, du, inconsistent, hot, relays, migration):
+    stacks = verbs.add_parser(
+        "stacks",
+        help="every thread's stack of a carbon-cache instance or carbonscale daemon here "
+        "(signalled, read from its journal)",
+    )
+    stacks.add_argument(
+        "--instance", action="append", default=[], metavar="NAME",
+        help="a carbon-cache instance (repeat; with neither option: every instance and "
+        "carbonscale daemon running here)",
+    )  # fmt: skip
+    stacks.add_argument(
+        "--unit",
+        action="append",
+        default=[],
+        help="a carbonscale daemon's unit, e.g. carbonscale-pickle-relay (repeat)",
+    )
+    stacks.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for each dump (default 10)"
+    )
+    stacks.set_defaults(func=run_stacks)
+
+    for verb in (lookup, du, inconsistent, hot, relays, migration, stacks):
         verb.add_argument("--json", action="store_true", help="print JSON (the fabfile reads it)")
 
 
