@@ -28,7 +28,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +109,19 @@ def _port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1], 16)
 
 
+def _tcp_rows(tables: Iterable[str]) -> Iterator[list[str]]:
+    """The fields of each socket row of /proc/net/tcp and tcp6 (header skipped)."""
+    for table in tables:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) >= 5:
+                yield fields
+
+
 def unread_bytes(port: int, tables: Iterable[str] = PROC_NET_TCP) -> int:
     """Bytes still in flight on established connections to local `port`.
 
@@ -117,36 +130,23 @@ def unread_bytes(port: int, tables: Iterable[str] = PROC_NET_TCP) -> int:
     established connection whose local or remote port is `port`.
     """
     total = 0
-    for table in tables:
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
+    for fields in _tcp_rows(tables):
+        if fields[3] != TCP_ESTABLISHED:
             continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) < 5 or fields[3] != TCP_ESTABLISHED:
-                continue
-            tx_queue, rx_queue = (int(value, 16) for value in fields[4].split(":"))
-            if _port_of(fields[1]) == port:
-                total += rx_queue
-            elif _port_of(fields[2]) == port:
-                total += tx_queue
+        tx_queue, rx_queue = (int(value, 16) for value in fields[4].split(":"))
+        if _port_of(fields[1]) == port:
+            total += rx_queue
+        elif _port_of(fields[2]) == port:
+            total += tx_queue
     return total
 
 
 def listening(port: int, tables: Iterable[str] = PROC_NET_TCP) -> bool:
     """A socket listens on `port` (read from the tables: a probe connection is
     the very thing that can crash carbon-c-relay while it starts)."""
-    for table in tables:
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 3 and fields[3] == TCP_LISTEN and _port_of(fields[1]) == port:
-                return True
-    return False
+    return any(
+        fields[3] == TCP_LISTEN and _port_of(fields[1]) == port for fields in _tcp_rows(tables)
+    )
 
 
 def _wait(predicate: Callable[[], bool], seconds: float, interval: float = 0.05) -> bool:

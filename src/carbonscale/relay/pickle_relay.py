@@ -323,8 +323,19 @@ class Upstream:
 class Client(asyncio.Protocol):
     """What the relay does with any client: pause, resume, count, close."""
 
+    relay: PickleRelay
     transport: asyncio.Transport | None = None
+    peer = "?"
     closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.relay.counters["connections"] += 1
+        self.relay.clients.add(self)
+        if self.relay.upstream.paused:
+            self.pause()
 
     def pause(self) -> None:
         if self.transport is not None and not self.closed:
@@ -355,15 +366,6 @@ class PickleClient(Client):
         self.last_active = time.monotonic()
         # Bytes of this client's unfinished frame counted in relay.buffered.
         self.held = 0
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.relay.counters["connections"] += 1
-        self.relay.clients.add(self)
-        if self.relay.upstream.paused:
-            self.pause()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -458,15 +460,6 @@ class LineClient(Client):
         self.peer = "?"
         self.closed = False
         self.last_active = time.monotonic()
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.relay.counters["connections"] += 1
-        self.relay.clients.add(self)
-        if self.relay.upstream.paused:
-            self.pause()
 
     def connection_lost(self, exc) -> None:
         # A last line without its newline is not a line (carbon-c-relay's rule too).
