@@ -324,6 +324,7 @@ class Client(asyncio.Protocol):
     """What the relay does with any client: pause, resume, count, close."""
 
     relay: PickleRelay
+    kind = "client"  # the key of its throttled log lines
     transport: asyncio.Transport | None = None
     peer = "?"
     closed = False
@@ -347,6 +348,14 @@ class Client(asyncio.Protocol):
             with contextlib.suppress(RuntimeError):
                 self.transport.resume_reading()
 
+    def reject(self, why: str | None) -> None:
+        """A reset: what the sender had in flight is refused with its connection."""
+        if why:
+            self.relay.throttled.warning(self.kind, f"{self.peer}: {why}; connection closed")
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
     def close(self) -> None:
         """A FIN, not a reset: the sender sees the end and connects again elsewhere."""
         self.closed = True
@@ -356,6 +365,8 @@ class Client(asyncio.Protocol):
 
 class PickleClient(Client):
     """One sender: splits the byte stream into frames and hands each to the relay."""
+
+    kind = "frame"
 
     def __init__(self, relay: PickleRelay) -> None:
         self.relay = relay
@@ -426,13 +437,6 @@ class PickleClient(Client):
         if self.buffer and not self.closed:
             self.data_received(b"")  # the frames read before the pause
 
-    def reject(self, why: str | None) -> None:
-        if why:
-            self.relay.throttled.warning("frame", f"{self.peer}: {why}; connection closed")
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
-
 
 def _lines_shorter_than(chunk: bytes, max_line: int) -> bool:
     """True when no line of chunk can be longer than max_line (False: maybe one is).
@@ -452,13 +456,12 @@ def _lines_shorter_than(chunk: bytes, max_line: int) -> bool:
 class LineClient(Client):
     """One line-protocol sender: whole lines go to the queue as they arrive, unparsed."""
 
+    kind = "line"
+
     def __init__(self, relay: PickleRelay) -> None:
         self.relay = relay
         self.partial = b""  # the start of a line whose newline has not come yet
         self.skipping = False  # inside a line over max_line, dropped up to its newline
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        self.closed = False
         self.last_active = time.monotonic()
 
     def connection_lost(self, exc) -> None:
@@ -523,13 +526,6 @@ class LineClient(Client):
         relay.throttled.warning(
             "line", f"{self.peer}: {count} line(s) over {relay.settings.max_line} bytes skipped"
         )
-
-    def reject(self, why: str | None) -> None:
-        if why:
-            self.relay.throttled.warning("line", f"{self.peer}: {why}; connection closed")
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class PickleRelay:
