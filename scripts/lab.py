@@ -157,7 +157,16 @@ def docker(*args: str) -> str:
 
 
 def docker_inspect(kind: str, ids: list[str]) -> list[dict]:
-    return json.loads(docker(kind, "inspect", *ids)) if ids else []
+    """Each object that still exists: one listed a moment ago may be gone now
+    (another tool removing its network), and that is not an error."""
+    found = []
+    for ident in ids:
+        proc = subprocess.run(["docker", kind, "inspect", ident], capture_output=True, text=True)
+        if proc.returncode == 0:
+            found += json.loads(proc.stdout)
+        elif "not found" not in proc.stderr and "No such" not in proc.stderr:
+            raise LabError(f"docker {kind} inspect failed: {proc.stderr.strip()}")
+    return found
 
 
 def owner_of(obj: dict) -> str:

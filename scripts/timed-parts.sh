@@ -5,7 +5,7 @@
 #
 # A stage is one make target ("lint"), or lanes separated by "|" that run at
 # the same time, each lane its targets one after another:
-#   "molecule-cluster | molecule-migrate molecule-package molecule-ssd_cache"
+#   "molecule-cluster | unit molecule-migrate molecule-package molecule-ssd_cache"
 # On 2 cores the cluster scenario beside the three small ones takes the time of
 # the cluster alone plus a little (measured: 1780 s for all four, against
 # about 2600 s one after another): their hosts wait on each other's I/O and

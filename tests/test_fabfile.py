@@ -312,6 +312,7 @@ def _capturing() -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_hot_metrics_captures_on_the_relays_over_ssh(site, tmp_path):
     """`--seconds`: tcpdump on each relay (here: the sshd's host, interface any, Linux
     cooked headers). Loopback-to-loopback line traffic is the pickle relay's own

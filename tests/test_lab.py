@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def lab(tmp_path):
             return inv
 
         def docker(self, kind: str, *args: str) -> None:
-            subprocess.run(["docker", *args], check=True, capture_output=True)
+            proc = subprocess.run(["docker", *args], capture_output=True, text=True)
+            assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
             created.append(
                 (kind, args[-1] if kind == "network" else args[args.index("--name") + 1])
             )
@@ -174,13 +176,19 @@ def lab(tmp_path):
             return proc.returncode, " ".join((proc.stdout + proc.stderr).split())
 
     yield Lab()
+    # Each one gone before the next test, which may need its subnet or name.
     for kind, name in reversed(created):
-        subprocess.run(
-            ["docker", kind, "rm", "-f", name]
+        command = (
+            ["docker", "rm", "-f", name]
             if kind == "container"
-            else ["docker", "network", "rm", name],
-            capture_output=True,
+            else ["docker", "network", "rm", name]
         )
+        for _ in range(5):
+            if subprocess.run(command, capture_output=True).returncode == 0:
+                break
+            if subprocess.run(["docker", kind, "inspect", name], capture_output=True).returncode:
+                break  # already gone
+            time.sleep(1)
 
 
 def test_check_passes_on_a_free_subnet(lab):

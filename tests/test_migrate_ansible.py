@@ -27,6 +27,7 @@ def snapshot(root: Path) -> dict:
     return {p: p.read_bytes() for p in root.rglob("*.wsp")}
 
 
+@pytest.mark.slow
 @needs_ansible
 def test_module_plans_in_check_mode_then_converges_the_cluster(tmp_path):
     cluster = Cluster(tmp_path, "carbon_ch", 1, 40)

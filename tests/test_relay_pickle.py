@@ -324,6 +324,7 @@ _trees = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=3000, deadline=None)
 @given(st.lists(_trees, max_size=8))
 def test_c_and_python_formatters_agree_on_any_structure(frame_obj):

@@ -236,6 +236,7 @@ def good_and_bad_lines() -> tuple[list[bytes], list[bytes], list[bytes]]:
     return good, bad, discarded
 
 
+@pytest.mark.slow
 @needs_relay
 def test_live_relay_drops_and_counts_what_carbon_cache_cannot_store(tmp_path):
     good, bad, discarded = good_and_bad_lines()

@@ -794,6 +794,7 @@ def _expected(datagrams: list[bytes]) -> tuple[int, list[bytes], int]:
     return metrics, routable, refused
 
 
+@pytest.mark.slow
 def test_fuzz_100k_datagrams_relay_survives_and_counts_every_drop():
     datagrams = _fuzz_datagrams(100_000, seed=2024)
     metrics, routable, refused = _expected(datagrams)
