@@ -378,8 +378,10 @@ def test_a_reserve_the_destinations_cannot_keep_is_refused(cluster_factory):
         if cluster.new_owners[metric] == {B}:
             cluster.hosts[B].path(metric).unlink()  # new files needed on B
     plan = cluster.tmp / "plan.tsv"
-    free = os.statvfs(cluster.hosts[B].root)
-    reserve = free.f_bavail * free.f_frsize  # all of it: the moved files do not fit
+    disk = os.statvfs(cluster.hosts[B].root)
+    # The disk's whole size: the moved files cannot fit, however much other
+    # programs on the machine free meanwhile (its free space is not fixed).
+    reserve = disk.f_blocks * disk.f_frsize
     done = cluster.plan("--reserve", str(reserve))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("carbonscale: error: not enough free space: ")
