@@ -48,8 +48,10 @@ unit: venv host-deps base-image
 # molecule logs "CRITICAL 'molecule/default/molecule.yml' glob failed" before
 # each scenario and carries on: it looks for a default scenario to share state
 # with, and there is none here by design (each scenario is self-contained).
+# profile_tasks: each task's time and the slowest tasks at the end of each
+# converge, in the part's log: where a scenario spends its time.
 molecule-%: venv base-image
-	molecule test -s $*
+	ANSIBLE_CALLBACKS_ENABLED=ansible.posix.profile_tasks molecule test -s $*
 
 molecule: $(addprefix molecule-,$(SCENARIOS))
 

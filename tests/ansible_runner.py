@@ -65,6 +65,8 @@ def module_task(tmp_path: Path, module: str, args: str, *extra: str) -> dict:
         ANSIBLE_INVENTORY_UNPARSED_WARNING="false",
         ANSIBLE_PYTHON_INTERPRETER=sys.executable,
     )
+    # No other callback (make molecule-* enables profile_tasks) may write into the JSON.
+    env.pop("ANSIBLE_CALLBACKS_ENABLED", None)
     run = subprocess.run(
         [BIN / "ansible-playbook", "-i", "localhost,", "-c", "local", "play.yml", *extra],
         capture_output=True,

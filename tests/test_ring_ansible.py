@@ -61,6 +61,8 @@ def playbook(tmp_path: Path, tasks: str, *extra: str) -> subprocess.CompletedPro
         ANSIBLE_LOCALHOST_WARNING="false",
         ANSIBLE_PYTHON_INTERPRETER=sys.executable,
     )
+    # No other callback (make molecule-* enables profile_tasks) may write into the JSON.
+    env.pop("ANSIBLE_CALLBACKS_ENABLED", None)
     return subprocess.run(
         [str(PLAYBOOK_BIN), "-i", str(tmp_path / "hosts.yml"), str(tmp_path / "play.yml"), *extra],
         capture_output=True,
