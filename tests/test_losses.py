@@ -1,6 +1,7 @@
 """carbonscale.losses and `carbonscale report`: restart counts from systemctl's
-output, nginx's refusals counted from real error-log lines across runs and a
-logrotate, and the reports sent to a real line receiver (with a fallback)."""
+output, nginx's refusals counted from its error-log lines across runs and a
+logrotate, then from a real nginx refusing clients (no relay, no descriptors),
+and the reports sent to a real line receiver (with a fallback)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
+from relay_oracle import needs_relay
+from relay_sinks import free_port, wait_for
+from test_lvs_nginx import needs_nginx, needs_root, relay, running_nginx  # noqa: F401 (fixture)
 
 from carbonscale import CarbonscaleError
+from carbonscale.health import tcp_connect
 from carbonscale.losses import (
     NGINX_COUNTERS,
     NginxErrorLog,
@@ -23,9 +29,9 @@ from carbonscale.losses import (
 )
 from carbonscale.sender import Point, encode_line, report
 
-# Lines as nginx 1.22's stream module (Debian 12) writes them, one per kind, then
+# Lines in the form nginx 1.22's stream module (Debian 12) writes, one per kind, then
 # routine ones that must not count.
-EMFILE_ACCEPT = b"2026/12/01 21:14:03 [alert] 812#812: accept4() failed (24: Too many open files)\n"
+EMFILE_ACCEPT = b"2026/12/01 21:14:03 [crit] 812#812: accept4() failed (24: Too many open files)\n"
 EMFILE_SOCKET = (
     b"2026/12/01 21:14:03 [crit] 812#812: *1391 socket() failed (24: Too many open files) "
     b"while connecting to upstream, client: 172.31.6.31, server: 0.0.0.0:2003, "
@@ -236,3 +242,58 @@ def test_cli_restarts_of_a_real_systemd_unit_or_a_clear_error():
     else:  # no systemd here (a container, CI): one line saying so
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and "systemctl show" in done.stderr, done.stderr
+
+
+def refused_clients(port: int, count: int) -> int:
+    """Connect count clients, each waiting for nginx to close it: how many it did."""
+    closed = 0
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+            try:
+                closed += conn.recv(1) == b""
+            except OSError:
+                closed += 1
+    return closed
+
+
+@needs_nginx
+@needs_root
+def test_a_real_nginx_without_a_relay_counts_every_refused_client(tmp_path):
+    listen = free_port()
+    with running_nginx(tmp_path, listen, free_port(), rlimit=4096, hard=8192):
+        log = NginxErrorLog(tmp_path / "error.log", tmp_path / "state.json")
+        time.sleep(0.2)
+        before = log.update()  # running_nginx's readiness probe was refused too
+        assert refused_clients(listen, 7) == 7
+        time.sleep(0.2)
+        counts = log.update()
+    # One relay in the group: nginx never marks it down, every client is a
+    # failed connect (with more relays some would be "no live upstreams").
+    refused = sum(counts[k] - before[k] for k in ("upstream_connect_failed", "no_live_upstreams"))
+    assert refused == 7, (before, counts)
+    assert counts["no_file_descriptors"] == 0
+
+
+@needs_relay
+@needs_nginx
+@needs_root
+def test_a_real_nginx_out_of_descriptors_is_counted(tmp_path, relay):  # noqa: F811
+    # The worker keeps 64 descriptors (hard limit, no CAP_SYS_RESOURCE):
+    # idle clients use them up, and the next clients are refused.
+    listen = free_port()
+    with running_nginx(tmp_path, listen, relay, rlimit=4096, hard=64):
+        idle = []
+        try:
+            for _ in range(40):
+                idle.append(socket.create_connection(("127.0.0.1", listen), timeout=2))
+            time.sleep(0.5)
+            assert tcp_connect("127.0.0.1", listen)
+            log = NginxErrorLog(tmp_path / "error.log", tmp_path / "state.json")
+            assert wait_for(lambda: log.update()["no_file_descriptors"] > 0, 10), log.counts
+        finally:
+            for conn in idle:
+                conn.close()
+    # nginx stopped: every line it wrote about a refusal is counted, once.
+    text = (tmp_path / "error.log").read_text()
+    counts = log.update()
+    assert counts["no_file_descriptors"] == text.count("Too many open files"), text[-2000:]
