@@ -9,8 +9,9 @@ whisper.create with WHISPER_FALLOCATE_CREATE) and writes the metric's cached
 points into it (whisper.update_many). This bench runs that same code,
 carbon's WhisperDatabase with the storage role's settings and its default
 schema and aggregation (roles/carbon_storage/defaults/main.yml), on --files
-new metrics spread over --dirs directories in --dir, which must be on the
-whisper filesystem (on a storage node: a directory beside the whisper tree).
+new metrics spread over --dirs directories in a hidden directory it makes
+in --dir and removes at the end; --dir must be on the whisper filesystem (on
+a storage node: the whisper tree itself).
 
 Timed side by side in one run, each the best of --runs, after a syncfs() of
 the filesystem and including the syncfs() that puts the files on disk (a burst the disk cannot
@@ -143,7 +144,7 @@ def main() -> int:
     size = header + sum(whisper.pointSize * points for _, points in archives)
     parent = args.dir or Path(tempfile.gettempdir())
     try:
-        work = Path(tempfile.mkdtemp(prefix="bench-creates-", dir=parent))
+        work = Path(tempfile.mkdtemp(prefix=".bench-creates-", dir=parent))
     except OSError as exc:
         print(f"bench: cannot use {parent}: {exc.strerror}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -276,7 +275,7 @@ def send_until_accepted(tier, name: str, timeout: float = 0.5) -> bool:
 
 def start_sender(tier, prefix: str, base: int, resend: float = 0) -> subprocess.Popen:
     """vip_sender.py writing to the VIP's line port from this machine until stopped."""
-    command = [sys.executable, str(Path(vip_sender.__file__)), f"{tier.vip}:2003", prefix]
+    command = [sys.executable, vip_sender.__file__, f"{tier.vip}:2003", prefix]
     command += [str(base), str(FAILOVER_SENDER_METRICS)]
     command += ["--resend", str(resend)] if resend else []
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
