@@ -398,7 +398,7 @@ def test_the_failover_reset_senders_once_and_a_resending_sender_lost_nothing(
         )
         outcome[name] = SimpleNamespace(
             sent=sent,
-            unwritten=unwritten,
+            not_written=unwritten,
             missing=[key for key in written if key not in found],
             wrong=[key for key in written if key in found and found[key] != written[key]],
             resets=vip_sender.episodes(sender["errors"]),
@@ -408,7 +408,7 @@ def test_the_failover_reset_senders_once_and_a_resending_sender_lost_nothing(
     for name, o in outcome.items():
         print(
             f"  {name}: {len(o.sent)} points ({o.batches} batches of {o.metrics}, one per 10 ms), "
-            f"{len(o.unwritten)} not written (connection down), {len(o.missing)} written and "
+            f"{len(o.not_written)} not written (connection down), {len(o.missing)} written and "
             f"lost, {len(o.wrong)} wrong; {len(o.errors)} connection errors in "
             f"{len(o.resets)} episode(s) at t="
             f"{[[round(a - stop, 2), round(b - stop, 2)] for a, b in o.resets]} s, "
@@ -420,4 +420,4 @@ def test_the_failover_reset_senders_once_and_a_resending_sender_lost_nothing(
         assert len(o.resets) == 1, f"{name}: reset episodes {o.resets}, stop {stop}, start {start}"
         assert stop <= o.resets[0][0] and o.resets[0][1] < start, (name, o.resets, stop, start)
     resending = outcome["resending"]
-    assert not resending.unwritten and not resending.missing, resending.missing[:3]
+    assert not resending.not_written and not resending.missing, resending.missing[:3]
