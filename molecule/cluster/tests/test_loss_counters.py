@@ -18,18 +18,23 @@ import json
 import pytest
 from cluster_hosts import setting, wait_for
 
-# The newest point of a whisper file (None when it has none).
-LAST_VALUE = (
-    "python3 -c 'import sys, time, whisper\n"
-    "(start, end, step), values = whisper.fetch(sys.argv[1], int(time.time()) - 600)\n"
-    "print([v for v in values if v is not None][-1:])' "
+# The newest point of each whisper file given that exists: {path: value}.
+LAST_VALUES = (
+    "python3 -c 'import json, os, sys, time, whisper\n"
+    "out = {}\n"
+    "for path in filter(os.path.exists, sys.argv[1:]):\n"
+    "    (start, end, step), values = whisper.fetch(path, int(time.time()) - 600)\n"
+    "    out[path] = ([v for v in values if v is not None] or [None])[-1]\n"
+    "print(json.dumps(out))' "
 )
 
 
+def last_values(host, paths: list[str]) -> dict[str, float | None]:
+    return json.loads(host.check_output(LAST_VALUES + " ".join(paths)))
+
+
 def last_value(host, path: str) -> float | None:
-    done = host.run(f"test -e {path} && {LAST_VALUE} {path}")
-    values = json.loads(done.stdout) if done.rc == 0 else []
-    return values[0] if values else None
+    return last_values(host, [path]).get(path)
 
 
 def restarts(host, unit: str) -> tuple[int, str]:
@@ -38,14 +43,17 @@ def restarts(host, unit: str) -> tuple[int, str]:
     return int(count), state
 
 
-def arrived(cluster, metric: str, want: float) -> bool:
-    """Does some storage host's file for metric end with the value want? (A report
-    sent to a relay is written where the ring says.)"""
+def arrived(cluster, want: dict[str, float]) -> bool:
+    """Has every metric of want, somewhere on the storage hosts, the newest value
+    want says? (A report sent to a relay is written where the ring says.)"""
+    found = {}
     for host in cluster.group("storage"):
         root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-        if last_value(cluster.host(host), f"{root}/{metric.replace('.', '/')}.wsp") == want:
-            return True
-    return False
+        paths = {f"{root}/{metric.replace('.', '/')}.wsp": metric for metric in want}
+        for path, value in last_values(cluster.host(host), list(paths)).items():
+            if value == want[paths[path]]:
+                found[paths[path]] = value
+    return found == want
 
 
 def test_each_director_reports_its_nginx_refusal_totals(cluster):
@@ -57,12 +65,8 @@ def test_each_director_reports_its_nginx_refusal_totals(cluster):
         assert ran.rc == 0, director.run("journalctl -u carbonscale-lvs-report -n 5").stdout
         totals = json.loads(director.file(f"{state_dir}/nginx-errors.json").content_string)
         prefix = f"carbonscale.lvs.{name.replace('.', '_')}.nginx"  # the role's default
-        for kind, count in totals["counts"].items():
-            metric = f"{prefix}.{kind}"
-            assert wait_for(lambda m=metric, c=count: arrived(cluster, m, c), 60, 2), (
-                metric,
-                count,
-            )
+        want = {f"{prefix}.{kind}": count for kind, count in totals["counts"].items()}
+        assert wait_for(lambda w=want: arrived(cluster, w), 60, 2), want
         print(f"\n{name}: nginx refusal totals {totals['counts']} on disk")
 
 
