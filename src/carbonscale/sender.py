@@ -1,7 +1,7 @@
 """Points to carbon and statsd: line, pickle and statsd encodings, paced sending.
 
-`carbonscale gen --send` sends its test metrics with this, and
-`carbonscale cache report` its dirty-block counters.
+`carbonscale gen --send` sends its test metrics with this, and the reports
+(`carbonscale cache report`, `carbonscale report ...`) their counters.
 """
 
 from __future__ import annotations
@@ -132,6 +132,31 @@ def send(
             f"sending to {host}:{port} failed after {sent} points: {exc.strerror or exc}"
         ) from exc
     return sent
+
+
+def report(points: list[Point], destinations: list[str], timeout: float = 10.0) -> str:
+    """Send a report's points to the first carbon line receiver (HOST:PORT) of
+    `destinations` that takes them all; that destination. A report is small
+    and cumulative, so trying the next receiver costs at most a duplicate."""
+    addresses = []
+    for destination in destinations:
+        try:
+            addresses.append((destination, parse_address(destination)))
+        except CarbonscaleError:
+            raise CarbonscaleError(
+                "the report destination must be HOST:PORT of a carbon line receiver, "
+                f"got {destination!r}"
+            ) from None
+    if not addresses:
+        raise CarbonscaleError("no report destination: give at least one HOST:PORT")
+    failures = []
+    for destination, address in addresses:
+        try:
+            send(points, address, "line", timeout=timeout)
+            return destination
+        except CarbonscaleError as exc:
+            failures.append(str(exc))
+    raise CarbonscaleError("; ".join(failures))
 
 
 def _drain_until_closed(sock: socket.socket) -> None:

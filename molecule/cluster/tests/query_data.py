@@ -29,6 +29,8 @@ DASHBOARD_SAMPLES = (
     "carbon.relays.sample.statsd.backends.statsd1.usable",
     "carbon.agents.sample-a.committedPoints",
     "carbon.agents.sample-a.cache.size",
+    "carbonscale.storage.sample.a.restarts",
+    "carbonscale.lvs.sample.nginx.no_live_upstreams",
     "carbonscale.ssd_cache.sample.dirty_blocks",
     "carbonscale.migrate.sample.files_done",
 )

@@ -22,17 +22,27 @@ import re
 import socket
 import struct
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
+import vip_sender
 from cluster_hosts import setting, wait_for
+from whisper_points import wait_for_points
 
 CARBONSCALE = "/opt/carbonscale/venv/bin/carbonscale"
 WHISPER = "/var/lib/graphite/whisper"
 UPSTREAMS = "/etc/carbonscale/lvs/upstreams.conf"
 POOL_STATE = "/var/lib/carbonscale/lvs/pool-flap.json"
 IPVS_CONFIG = "/etc/carbonscale/lvs/keepalived-ipvs.conf"
+# The failover's persistent senders: metrics per 10 ms batch, and how far back
+# the careful one writes again after a reset (more than a blackholed
+# connection's retransmissions take to end in a reset).
+FAILOVER_SENDER_METRICS = 5
+FAILOVER_RESEND_SECONDS = 10
+# The 60 s archive of the default schema, where each sent point has its slot.
+WEEK = 7 * 86400
 
 disruptive = pytest.mark.disruptive
 
@@ -265,6 +275,21 @@ def send_until_accepted(tier, name: str, timeout: float = 0.5) -> bool:
         return False
 
 
+def start_sender(tier, prefix: str, base: int, resend: float = 0) -> subprocess.Popen:
+    """vip_sender.py writing to the VIP's line port from this machine until stopped."""
+    command = [sys.executable, vip_sender.__file__, f"{tier.vip}:2003", prefix]
+    command += [str(base), str(FAILOVER_SENDER_METRICS)]
+    command += ["--resend", str(resend)] if resend else []
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_sender(process: subprocess.Popen) -> dict:
+    process.terminate()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    return json.loads(out)
+
+
 @pytest.fixture(scope="module")
 def failover(cluster, tier):
     """Stop the VRRP master (the whole host, as a halt would: systemd halts and
@@ -272,7 +297,11 @@ def failover(cluster, tier):
     stop is issued, the VIP's arrival on the backup and the line port taking
     a metric again. Then start the old master again: with nopreempt it comes
     back as BACKUP and leaves the VIP where it is (one reset of the clients'
-    connections, not two), and the cluster is whole for what runs next."""
+    connections, not two), and the cluster is whole for what runs next.
+
+    Through the stop and the start two persistent senders write to the VIP
+    (vip_sender.py): a plain one, and one that reconnects and writes its last
+    FAILOVER_RESEND_SECONDS again after a failure."""
     holders = [d for d in tier.directors if holds_vip(cluster, tier, d)]
     assert len(holders) == 1, holders
     first = holders[0]
@@ -280,36 +309,56 @@ def failover(cluster, tier):
     record: dict = {"holders_before": holders, "backup": backup}
     record["sent_before"] = f"molecule.lvs.failover.run{time.time_ns()}.before"
     record["sent_before_ok"] = send_until_accepted(tier, record["sent_before"], timeout=3)
-    time.sleep(1)  # let the pool's nginx pass it on before the host halts
-
-    started = time.monotonic()
-    stop = subprocess.Popen(["docker", "stop", first], stdout=subprocess.DEVNULL)
+    base = (int(time.time()) // 60 - 1) * 60
+    stamp = time.time_ns()
+    senders = {
+        "plain": (f"carbonscale.failover.run{stamp}.plain", 0),
+        "resending": (f"carbonscale.failover.run{stamp}.resending", FAILOVER_RESEND_SECONDS),
+    }
+    record["senders"] = {
+        name: {"prefix": prefix, "base": base} for name, (prefix, _) in senders.items()
+    }
+    processes = {
+        name: start_sender(tier, prefix, base, resend) for name, (prefix, resend) in senders.items()
+    }
     try:
-        moved = None
-        while time.monotonic() - started < 30:
-            if holds_vip(cluster, tier, backup):
-                moved = time.monotonic() - started
-                break
-            time.sleep(0.05)
-        record["vip_moved_after"] = moved
-        resumed = None
-        record["sent_after"] = record["sent_before"].replace(".before", ".after")
-        while moved is not None and time.monotonic() - started < 60:
-            if send_until_accepted(tier, record["sent_after"]):
-                resumed = time.monotonic() - started
-                break
-            time.sleep(0.1)
-        record["line_resumed_after"] = resumed
-        stop.wait(timeout=120)
-        record["holders_after"] = [d for d in tier.directors if holds_vip(cluster, tier, d)]
+        time.sleep(2)  # both connected and writing; the pool's nginx passed `before` on
+
+        record["stop_issued"] = time.time()
+        started = time.monotonic()
+        stop = subprocess.Popen(["docker", "stop", first], stdout=subprocess.DEVNULL)
+        try:
+            moved = None
+            while time.monotonic() - started < 30:
+                if holds_vip(cluster, tier, backup):
+                    moved = time.monotonic() - started
+                    break
+                time.sleep(0.05)
+            record["vip_moved_after"] = moved
+            resumed = None
+            record["sent_after"] = record["sent_before"].replace(".before", ".after")
+            while moved is not None and time.monotonic() - started < 60:
+                if send_until_accepted(tier, record["sent_after"]):
+                    resumed = time.monotonic() - started
+                    break
+                time.sleep(0.1)
+            record["line_resumed_after"] = resumed
+            stop.wait(timeout=120)
+            record["holders_after"] = [d for d in tier.directors if holds_vip(cluster, tier, d)]
+        finally:
+            stop.wait(timeout=120)
+            record["start_issued"] = time.time()
+            subprocess.run(["docker", "start", first], check=True, capture_output=True)
+        returned = cluster.host(first)
+        record["returned_as_backup"] = bool(
+            wait_for(lambda: vrrp_state(returned) == "BACKUP", 120, 1)
+        )
+        time.sleep(5)  # a preempting director would have taken the VIP by now
+        record["holders_after_return"] = [d for d in tier.directors if holds_vip(cluster, tier, d)]
     finally:
-        stop.wait(timeout=120)
-        subprocess.run(["docker", "start", first], check=True, capture_output=True)
-    returned = cluster.host(first)
-    record["returned_as_backup"] = bool(wait_for(lambda: vrrp_state(returned) == "BACKUP", 120, 1))
-    time.sleep(5)  # a preempting director would have taken the VIP by now
-    record["holders_after_return"] = [d for d in tier.directors if holds_vip(cluster, tier, d)]
-    print(json.dumps(record))
+        for name, process in processes.items():
+            record["senders"][name].update(stop_sender(process))
+    print(json.dumps({k: v for k, v in record.items() if k != "senders"}))
     yield record
 
 
@@ -327,3 +376,50 @@ def test_traffic_before_and_after_the_failover_landed(cluster, tier, failover):
     assert failover["sent_before_ok"]
     assert landed(cluster, tier, failover["sent_before"])
     assert landed(cluster, tier, failover["sent_after"])
+
+
+@disruptive
+def test_the_failover_reset_senders_once_and_a_resending_sender_lost_nothing(
+    cluster, tier, failover
+):
+    """Every point of both senders read back from whisper: the stop of the
+    master is one reset episode, its start none (nopreempt); the resending
+    sender lost nothing, the plain sender's losses are counted and printed."""
+    stop, start = failover["stop_issued"], failover["start_issued"]
+    outcome = {}
+    # The resending sender first: it waits for all its points, by which time
+    # carbon-cache has written the plain sender's too (sent at the same time).
+    for name in ("resending", "plain"):
+        sender = failover["senders"][name]
+        sent = vip_sender.expected(sender["base"], sender["metrics"], range(sender["batches"]))
+        unwritten = vip_sender.expected(sender["base"], sender["metrics"], sender["unwritten"])
+        written = {key: value for key, value in sent.items() if key not in unwritten}
+        patience = 120 if name == "resending" else 10
+        found = wait_for_points(
+            cluster, tier.storage, sender["prefix"], len(written), WEEK, patience
+        )
+        outcome[name] = SimpleNamespace(
+            sent=sent,
+            not_written=unwritten,
+            missing=[key for key in written if key not in found],
+            wrong=[key for key in written if key in found and found[key] != written[key]],
+            resets=vip_sender.episodes(sender["errors"]),
+            **sender,
+        )
+    print(f"\nVRRP master stopped (t=0) and started (t={start - stop:.1f} s), senders via the VIP:")
+    for name, o in outcome.items():
+        print(
+            f"  {name}: {len(o.sent)} points ({o.batches} batches of {o.metrics}, one per 10 ms), "
+            f"{len(o.not_written)} not written (connection down), {len(o.missing)} written and "
+            f"lost, {len(o.wrong)} wrong; {len(o.errors)} connection errors in "
+            f"{len(o.resets)} episode(s) at t="
+            f"{[[round(a - stop, 2), round(b - stop, 2)] for a, b in o.resets]} s, "
+            f"{o.connects} connections"
+        )
+    for name, o in outcome.items():
+        assert not o.full, f"{name}: ran out of whisper slots, the failover took too long"
+        assert not o.wrong, f"{name}: {len(o.wrong)} points with another value, e.g. {o.wrong[:3]}"
+        assert len(o.resets) == 1, f"{name}: reset episodes {o.resets}, stop {stop}, start {start}"
+        assert stop <= o.resets[0][0] and o.resets[0][1] < start, (name, o.resets, stop, start)
+    resending = outcome["resending"]
+    assert not resending.not_written and not resending.missing, resending.missing[:3]

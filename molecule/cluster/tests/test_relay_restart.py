@@ -14,6 +14,7 @@ import time
 
 import pytest
 from cluster_hosts import Cluster, setting, wait_for
+from whisper_points import wait_for_points
 
 pytestmark = pytest.mark.disruptive
 
@@ -64,17 +65,6 @@ done = True
 prober.join()
 print(json.dumps({"sent": sent, "error": error, "refused": refused}))
 """
-
-# From a day back: whisper answers from the finest archive that covers the
-# whole window (60s:7d by default), where each point has its own slot.
-FETCH = (
-    "python3 -c 'import json, sys, time, whisper\n"
-    "out = {}\n"
-    "for path in sys.argv[1:]:\n"
-    "    (start, end, step), values = whisper.fetch(path, int(time.time()) - 86400)\n"
-    "    out[path] = {str(start + i * step): v for i, v in enumerate(values) if v is not None}\n"
-    "print(json.dumps(out))' "
-)
 
 
 def planned(cluster: Cluster, relay: str) -> None:
@@ -133,27 +123,7 @@ def test_planned_relay_restarts_lose_no_point_and_never_close_the_line_port(clus
 
     expected = {(f"m{n % METRICS}", str(base - (n // METRICS) * 60)): float(n) for n in range(sent)}
 
-    def on_disk() -> dict:
-        found = {}
-        for host in storage:
-            root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-            top = f"{root}/{prefix.replace('.', '/')}"
-            files = cluster.host(host).run(f"ls {top}/*.wsp 2>/dev/null").stdout.split()
-            if not files:
-                continue
-            points = json.loads(cluster.host(host).check_output(FETCH + " ".join(files)))
-            for path, values in points.items():
-                metric = path.rsplit("/", 1)[1][: -len(".wsp")]
-                for timestamp, value in values.items():
-                    found[(metric, timestamp)] = value
-        return found
-
-    def complete() -> dict | None:
-        found = on_disk()
-        return found if len(found) >= len(expected) else None
-
-    # carbon-cache writes asynchronously: wait until every point is there.
-    found = wait_for(complete, 120, step=5) or on_disk()
+    found = wait_for_points(cluster, storage, prefix, len(expected))
     missing = [key for key in expected if key not in found]
     wrong = [key for key in expected if key in found and found[key] != expected[key]]
     print(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from carbonscale import CarbonscaleError
+from carbonscale import sender
 from carbonscale.cache.parsers import CacheState
-from carbonscale.sender import Point, parse_address, send
+from carbonscale.sender import Point
 
 
 def metric_points(prefix: str, state: CacheState, timestamp: int) -> list[Point]:
@@ -21,12 +21,6 @@ def metric_points(prefix: str, state: CacheState, timestamp: int) -> list[Point]
 
 
 def report(points: list[Point], destination: str, timeout: float = 10.0) -> int:
-    """Send the points to carbon's line receiver (HOST:PORT)."""
-    try:
-        address = parse_address(destination)
-    except CarbonscaleError:
-        raise CarbonscaleError(
-            "the report destination must be HOST:PORT of a carbon line receiver, "
-            f"got {destination!r}"
-        ) from None
-    return send(points, address, "line", timeout=timeout)
+    """Send the points to carbon's line receiver (HOST:PORT); how many."""
+    sender.report(points, [destination], timeout)
+    return len(points)
