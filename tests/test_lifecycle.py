@@ -238,3 +238,45 @@ def test_status_prints_the_phases_of_a_move(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert missing.returncode == 0 and "no move in progress" in missing.stdout
+
+
+def _module(tmp_path: Path, args: dict, *extra: str) -> dict:
+    from ansible_runner import module_task
+
+    body = "".join(f"        {key}: {json.dumps(value)}\n" for key, value in args.items())
+    return module_task(tmp_path, "carbon_lifecycle", body, *extra)
+
+
+@pytest.mark.slow
+def test_module_begins_in_check_mode_without_writing_then_records_each_phase(tmp_path):
+    state = tmp_path / "lifecycle" / "move.json"
+    configs = {"r1": config(NEW), "r2": config(NEW)}
+    begin = {"step": "begin", "state": str(state), "action": "decommission",
+             "configs": configs, "remove": ["10.0.0.32"]}  # fmt: skip
+    checked = _module(tmp_path, begin, "--check")
+    assert checked["changed"] and checked["move"]["removed_hosts"] == ["10.0.0.32"]
+    assert not state.exists()  # check mode: nothing written
+    started = _module(tmp_path, begin)
+    assert started["message"] == "started" and started["move"]["next"] == "deploy"
+    assert started["relays"] == {"members": NEW, "migration_members": []}
+    mark = {"step": "mark", "state": str(state), "phase": "copy"}
+    refused = _module(tmp_path, mark)
+    assert refused["failed"] and "phase copy cannot be done before deploy" in refused["msg"]
+    for phase in ("deploy", "copy"):
+        marked = _module(tmp_path, {**mark, "phase": phase, "info": {"files": 3}})
+        assert marked["changed"] and marked["move"]["done"][-1] == phase
+    again = _module(tmp_path, {**mark, "phase": "copy"})
+    assert not again["changed"]
+    target = [m for m in NEW if not m.startswith("10.0.0.32:")]
+    assert again["relays"] == {"members": NEW, "migration_members": target}
+    rolled = _module(tmp_path, {**begin, "rollback": True})
+    assert rolled["message"] == "continued" and rolled["relays"]["members"] == NEW
+    bad = _module(tmp_path, {**begin, "configs": {"r1": config(NEW), "r2": config(OLD)}})
+    assert bad["failed"] and "relays disagree" in bad["msg"]
+    finished = _module(tmp_path, {"step": "finish", "state": str(state), "outcome": "done"})
+    assert finished["changed"] and not state.exists()
+    assert "the move ended (done)" in finished["message"]
+    # The move is over and the relays run the target: a rerun has nothing to do.
+    rerun = _module(tmp_path, {**begin, "configs": {"r1": config(target)}})
+    assert not rerun["changed"] and rerun["move"] == {}
+    assert rerun["message"] == "10.0.0.32: not in the ring the relays run"
