@@ -255,7 +255,7 @@ def run_step(module: AnsibleModule) -> dict:
     else:
         counters = None
         if params["carbon"]:
-            from carbonscale.gen import parse_address
+            from carbonscale.sender import parse_address
 
             counters = counter_sender(parse_address(params["carbon"]))
         context = engine.Context(

@@ -280,3 +280,24 @@ def test_module_begins_in_check_mode_without_writing_then_records_each_phase(tmp
     rerun = _module(tmp_path, {**begin, "configs": {"r1": config(target)}})
     assert not rerun["changed"] and rerun["move"] == {}
     assert rerun["message"] == "10.0.0.32: not in the ring the relays run"
+
+
+def test_drained_command_reads_the_plan_and_refuses_in_one_line(tmp_path, carbonlink):
+    plan = tmp_path / "plan.tsv"
+    head = {"hosts": ["10.0.0.31", "10.0.0.33"], "endpoints": {}, "summary": {}}
+    plan.write_text(
+        "# carbonscale migrate plan 1 0123456789abcdef\n" + json.dumps(head) + "\n"
+        "a.b\t10.0.0.33\t10.0.0.31\t100\n"  # held here: asked
+        "c.d\t10.0.0.31\t10.0.0.33\t100\n"  # not held here: not asked
+    )
+    port = carbonlink.server_address[1]
+    carbonlink.cache.update({"a.b": {50: 1.0}, "c.d": {50: 1.0}})
+    argv = [sys.executable, "-m", "carbonscale", "migrate", "drained", "--plan", str(plan),
+            "--self", "10.0.0.31", f"--carbonlink=127.0.0.1:{port}", "--timeout", "0"]  # fmt: skip
+    held = subprocess.run([*argv, "--before", "100"], capture_output=True, text=True)
+    assert held.returncode == 2 and held.stdout == ""
+    assert held.stderr.count("\n") == 1 and "1 moved metric(s)" in held.stderr, held.stderr
+    assert "e.g. a.b" in held.stderr
+    done = subprocess.run([*argv, "--before", "50"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "holds no point stamped before 50 for the 1 metrics it holds" in done.stdout

@@ -190,7 +190,7 @@ def _context(args: argparse.Namespace):
 
     counters = None
     if args.carbon:
-        from carbonscale.gen import parse_address
+        from carbonscale.sender import parse_address
 
         counters = counter_sender(parse_address(args.carbon))
     return Context(
@@ -238,9 +238,9 @@ def run_cleanup(args: argparse.Namespace) -> int:
 
 
 def run_drained(args: argparse.Namespace) -> int:
-    from carbonscale.gen import parse_address
     from carbonscale.migrate.drain import wait_drained
     from carbonscale.migrate.plan import PlanFile
+    from carbonscale.sender import parse_address
 
     plan = PlanFile(args.plan)
     plan.check_host(args.self)
