@@ -104,6 +104,18 @@ options:
     description: Bytes every destination must keep free after the move (plan).
     type: int
     default: 0
+  label:
+    description:
+      - A word recorded in the plan (plan). Two plans with the same moves get different ids,
+        so a second pass of the same moves (a delta fill) is not taken as done by the journal.
+    type: str
+  exclude_prefixes:
+    description:
+      - Metric name prefixes left out of the plan (plan), e.g. C(carbon.agents.) - carbon's
+        own metrics live on the host that made them, whatever the ring says.
+    type: list
+    elements: str
+    default: []
   max_results:
     description: Report at most this many failures and moves.
     type: int
@@ -201,9 +213,15 @@ def run_plan(module: AnsibleModule) -> dict:
     endpoints = {h: f"{h}:2099" for ring in (new, old) if ring for h in planning.ring_hosts(ring)}
     endpoints.update(planning.parse_hosts(params["hosts"]))
     listings = planning.collect_listings(endpoints, {}, read_secret(params["secret_file"]))
+    listings = {
+        host: planning.without_prefixes(listing, params["exclude_prefixes"])
+        for host, listing in listings.items()
+    }
     plan = planning.compute_plan(
         new, listings, endpoints, old, params["allow_jump_reshuffle"], params["reserve"]
     )
+    if params["label"]:
+        plan.summary["label"] = params["label"]
     result = {"summary": plan.summary, "changed": bool(plan.names)}
     if module._diff:
         moves = [
@@ -237,7 +255,7 @@ def run_step(module: AnsibleModule) -> dict:
     else:
         counters = None
         if params["carbon"]:
-            from carbonscale.gen import parse_address
+            from carbonscale.sender import parse_address
 
             counters = counter_sender(parse_address(params["carbon"]))
         context = engine.Context(
@@ -291,6 +309,8 @@ def main() -> None:
             "hosts": {"type": "list", "elements": "str", "default": []},
             "allow_jump_reshuffle": {"type": "bool", "default": False},
             "reserve": {"type": "int", "default": 0},
+            "label": {"type": "str"},
+            "exclude_prefixes": {"type": "list", "elements": "str", "default": []},
             "max_results": {"type": "int", "default": 100},
         },
         supports_check_mode=True,

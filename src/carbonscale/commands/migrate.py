@@ -190,7 +190,7 @@ def _context(args: argparse.Namespace):
 
     counters = None
     if args.carbon:
-        from carbonscale.gen import parse_address
+        from carbonscale.sender import parse_address
 
         counters = counter_sender(parse_address(args.carbon))
     return Context(
@@ -237,11 +237,36 @@ def run_cleanup(args: argparse.Namespace) -> int:
     return _step(args, cleanup)
 
 
+def run_drained(args: argparse.Namespace) -> int:
+    from carbonscale.migrate.drain import wait_drained
+    from carbonscale.migrate.plan import PlanFile
+    from carbonscale.sender import parse_address
+
+    plan = PlanFile(args.plan)
+    plan.check_host(args.self)
+    metrics = [row.name for row in plan.rows() if args.self in row.holders]
+    instances = [parse_address(entry) for entry in args.carbonlink]
+    rounds, waited = wait_drained(instances, metrics, args.before, args.timeout)
+    print(
+        f"{args.self}: carbon-cache holds no point stamped before {args.before:.0f} for the "
+        f"{len(metrics)} metrics it holds in plan {plan.plan_id} ({rounds} queries, "
+        f"{waited:.1f} s waited)"
+    )
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
     from carbonscale.migrate.journal import Journal
     from carbonscale.migrate.plan import PlanFile
     from carbonscale.migrate.transport import Client
 
+    if args.move:
+        from carbonscale.migrate.lifecycle import Move, read_status
+
+        move = Move.load(args.move)
+        _print(args, move.data if move else {}, read_status(args.move))
+        if not args.plan and not args.state_dir:
+            return 0
     hosts: dict[str, dict] = {}
     plan = PlanFile(args.plan) if args.plan else None
     if args.state_dir:
@@ -398,9 +423,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             )
         step.set_defaults(func=func)
 
+    drained = verbs.add_parser(
+        "drained",
+        help="wait until carbon-cache here wrote out the plan's metrics (CarbonLink)",
+        description=(
+            "Before a delta fill: wait until no carbon-cache instance of this host holds "
+            "a point stamped before --before for a metric this host holds in the plan."
+        ),
+    )
+    drained.add_argument("--plan", required=True, metavar="FILE", help="the plan")
+    drained.add_argument("--self", required=True, metavar="HOST", help="this host in the plan")
+    drained.add_argument(
+        "--carbonlink", action="append", required=True, metavar="ADDRESS:PORT",
+        help="a carbon-cache instance's cache query port (repeat)",
+    )  # fmt: skip
+    drained.add_argument(
+        "--before", type=float, required=True, metavar="EPOCH", help="points stamped before"
+    )
+    drained.add_argument("--timeout", type=float, default=600, help="seconds (default 600)")
+    drained.set_defaults(func=run_drained)
+
     status = verbs.add_parser("status", help="done / pending / failed per host and phase")
     status.add_argument("--plan", metavar="FILE", help="ask every host of the plan")
     status.add_argument("--state-dir", metavar="DIR", help="or read this host's journal")
     status.add_argument("--secret-file", metavar="FILE", help="the shared secret")
+    status.add_argument(
+        "--move", metavar="FILE", help="the phases of expand.yml / decommission.yml's state file"
+    )
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=run_status)

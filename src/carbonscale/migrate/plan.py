@@ -72,6 +72,21 @@ def carbon_paths(listing: Listing) -> tuple[list[bytes], np.ndarray | None]:
     return [paths[i] for i in keep], np.asarray(keep, dtype=np.int64)
 
 
+def without_prefixes(listing: Listing, prefixes: list[str] | tuple[str, ...]) -> Listing:
+    """The listing without the metrics whose names start with one of `prefixes`
+    (e.g. carbon's own `carbon.agents.`, which live where carbon made them)."""
+    if not prefixes:
+        return listing
+    starts = tuple(prefix.replace(".", "/").encode() for prefix in prefixes)
+    paths = listing.paths
+    keep = [i for i, path in enumerate(paths) if not path.startswith(starts)]
+    if len(keep) == len(paths):
+        return listing
+    index = np.asarray(keep, dtype=np.int64)
+    block = b"".join(paths[i] + b"\n" for i in keep)
+    return Listing(block, len(keep), listing.sizes[index], listing.mtimes[index], listing.free)
+
+
 def names_of(paths: list[bytes]) -> list[bytes]:
     """Metric names of carbon paths (`a/b/c.wsp` -> `a.b.c`), a few C passes."""
     if not paths:
