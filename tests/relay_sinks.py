@@ -116,3 +116,28 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.1)
     return predicate()
+
+
+class LineReceiver:
+    """One connection's bytes, as a carbon line receiver on 127.0.0.1 gets them."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            self.received.append(data)
+
+    def wait(self, timeout: float = 5.0) -> list[bytes]:
+        """What arrived, once the sender closed (or timeout passed)."""
+        self._thread.join(timeout)
+        self.server.close()
+        return self.received

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from relay_sinks import LineReceiver
 
 from carbonscale import CarbonscaleError
 from carbonscale.cache import (
@@ -487,25 +486,10 @@ def test_metric_points():
 
 
 def test_report_sends_line_protocol():
-    received = []
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-            received.append(data.decode())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    receiver = LineReceiver()
     points = metric_points("p", CacheState(present=True, dirty_blocks=7), 42)
-    assert report(points, f"127.0.0.1:{port}") == 2
-    thread.join(5)
-    server.close()
-    assert received == ["p.present 1 42\np.dirty_blocks 7 42\n"]
+    assert report(points, f"127.0.0.1:{receiver.port}") == 2
+    assert receiver.wait() == [b"p.present 1 42\np.dirty_blocks 7 42\n"]
 
 
 def test_report_destination_must_be_host_port():

@@ -9,12 +9,11 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from relay_oracle import needs_relay
-from relay_sinks import free_port, wait_for
+from relay_sinks import LineReceiver, free_port, wait_for
 from test_lvs_nginx import needs_nginx, needs_root, relay, running_nginx  # noqa: F401 (fixture)
 
 from carbonscale import CarbonscaleError
@@ -166,22 +165,6 @@ def test_restart_counts_from_systemctl_show():
         parse_systemctl_show("Id=nope.service\nNRestarts=\nActiveState=inactive\n")
 
 
-def line_receiver() -> tuple[socket.socket, list[bytes]]:
-    server = socket.create_server(("127.0.0.1", 0))
-    received: list[bytes] = []
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            data = b""
-            while chunk := conn.recv(65536):
-                data += chunk
-            received.append(data)
-
-    threading.Thread(target=serve, daemon=True).start()
-    return server, received
-
-
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -189,13 +172,12 @@ def closed_port() -> int:
 
 
 def test_a_report_goes_to_the_first_destination_that_takes_it():
-    server, received = line_receiver()
-    port = server.getsockname()[1]
+    receiver = LineReceiver()
+    port = receiver.port
     down = f"127.0.0.1:{closed_port()}"
     took = report([Point("a.b", 1, 5)], [down, f"127.0.0.1:{port}"])
     assert took == f"127.0.0.1:{port}"
-    server.close()
-    assert received == [b"a.b 1 5\n"]
+    assert receiver.wait() == [b"a.b 1 5\n"]
     with pytest.raises(CarbonscaleError, match=f"sending to 127.0.0.1:{down.split(':')[1]}"):
         report([Point("a.b", 1, 5)], [down])
     with pytest.raises(CarbonscaleError, match="HOST:PORT of a carbon line receiver"):
@@ -205,16 +187,15 @@ def test_a_report_goes_to_the_first_destination_that_takes_it():
 def test_cli_nginx_errors_sends_the_totals_and_bad_input_is_one_line(tmp_path):
     log = tmp_path / "error.log"
     log.write_bytes(EMFILE_SOCKET + NO_LIVE)
-    server, received = line_receiver()
+    receiver = LineReceiver()
     cli = [sys.executable, "-m", "carbonscale", "report", "nginx-errors", "--log", str(log)]
     done = subprocess.run(
         [*cli, "--state", str(tmp_path / "s.json"), "--prefix", "p.d1.nginx",
-         "--destination", f"127.0.0.1:{server.getsockname()[1]}"],
+         "--destination", f"127.0.0.1:{receiver.port}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    server.close()
-    lines = received[0].decode().splitlines()
+    lines = receiver.wait()[0].decode().splitlines()
     assert len(lines) == len(NGINX_COUNTERS)
     assert [line.split()[:2] for line in lines if line.split()[1] != "0"] == [
         ["p.d1.nginx.no_file_descriptors", "1"],
