@@ -23,13 +23,9 @@ import time
 from collections.abc import Callable, Iterable
 
 from carbonscale import CarbonscaleError
+from carbonscale.relay.lines import RestrictedUnpickler
 
 CHUNK = 1000
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"CarbonLink answer refers to {module}.{name}")
 
 
 def _recv_exactly(sock: socket.socket, count: int) -> bytes:
@@ -53,7 +49,7 @@ def cache_query_bulk(
         with socket.create_connection(address, timeout=timeout) as sock:
             sock.sendall(struct.pack("!L", len(request)) + request)
             (length,) = struct.unpack("!L", _recv_exactly(sock, 4))
-            answer = _PlainUnpickler(io.BytesIO(_recv_exactly(sock, length))).load()
+            answer = RestrictedUnpickler(io.BytesIO(_recv_exactly(sock, length))).load()
     except (OSError, ConnectionError) as exc:
         raise CarbonscaleError(f"{where}: CarbonLink query failed: {exc}") from exc
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
