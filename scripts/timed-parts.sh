@@ -88,12 +88,14 @@ printf '%-22s %6d s\n' total $(($(date +%s) - total_start))
 if [ -n "$failed" ]; then
   while read -r part _ status; do
     [ "$status" = FAILED ] || continue
-    echo "=== FAILED: $part (log: $LOG_DIR/$part.log); its failing tests and last lines:"
-    # pytest's summary lines, molecule's and ansible's failures (colour codes removed).
-    sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" |
-      grep -E '^(FAILED|ERROR) |[│ ]FAILED |[│ ]ERROR |fatal: \[|Error: ' | tail -n 20
+    # The last lines first and the failing tests last: a CI page that keeps
+    # only the end of the output still names what failed.
     echo "--- last lines of $LOG_DIR/$part.log"
     sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" | tail -n 25
+    echo "=== FAILED: $part (log: $LOG_DIR/$part.log); its failing tests:"
+    # pytest's summary lines, molecule's and ansible's failures (colour codes removed).
+    sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" |
+      grep -E '^(FAILED|ERROR) |[│ ]FAILED |[│ ]ERROR |fatal: \[|Error: ' | tail -n 12
   done <"$RESULTS"
   echo "=== FAILED: $failed (later stages not run)"
   exit 1
