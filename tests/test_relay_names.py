@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 from ansible_runner import BIN
+from line_samples import random_name
 from relay_oracle import needs_relay, relay_test_owners, write_cluster_config
 from relay_sinks import Sinks, free_port, running_relay, send, wait_for
 
@@ -102,35 +103,6 @@ def test_rewrite_block_leaves_clean_blocks_alone_and_rewrites_the_rest():
 
 
 # ----- the live relay ---------------------------------------------------------
-
-UTF8 = ["ä", "ö", "ü", "ß", "é", "中文", "🚀", "Ωmega"]
-PUNCT = [*"%()[]{}<>!?*+=,/\\|'\"`$&@~^ :#-_;", "\t", "  ", "\x00", "\x0b", "\x7f"]
-WORDS = ["servers", "web01", "cpu", "load", "p99", "eu-west", "a", "x_y", "disk.sda"]
-
-
-def random_name(rng: random.Random, index: int) -> bytes:
-    parts = []
-    for _ in range(rng.randint(1, 7)):
-        roll = rng.random()
-        if roll < 0.45:
-            parts.append(rng.choice(WORDS).encode())
-        elif roll < 0.6:
-            parts.append(rng.choice(UTF8).encode())
-        elif roll < 0.8:
-            parts.append(rng.choice(PUNCT).encode())
-        elif roll < 0.9:  # invalid UTF-8: lone continuation and lead bytes
-            parts.append(bytes(rng.randrange(0x80, 0x100) for _ in range(rng.randint(1, 3))))
-        else:
-            parts.append(b"")  # an empty component
-    name = b"".join(part + rng.choice([b".", b".", b".", b"..", b""]) for part in parts)
-    if rng.random() < 0.3:
-        name = b"." + name
-    if rng.random() < 0.01 and b";" not in name:
-        # A line break inside: two lines, the first without a value (discarded).
-        # Not with a ';': the relay keeps a discarded line's tag state for the
-        # next line (dispatcher.c resets it only after routing a line).
-        name = name.replace(b".", rng.choice([b"\n", b"\r"]), 1)
-    return name + b".%d" % index
 
 
 def expected_lines(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ansible_runner import BIN, ROOT, role_vars_task, run_playbook
+from line_samples import good_and_bad_lines
 from relay_oracle import RELAY, needs_relay, relay_test_owners
 from relay_sinks import Sinks, free_port, running_relay, send, wait_for
 
@@ -201,39 +202,6 @@ def test_clusters_the_relay_cannot_run_are_refused(tmp_path, kwargs, message):
 
 # --------------------------------------------------------------------------
 # Lines carbon-cache cannot store: dropped by the live relay, and counted
-
-GOOD_VALUES = [b"1", b"-1.5", b"+3", b".5", b"7.", b"1e-7", b"1.5e+21", b"9.99e299", b"2E99"]
-GOOD_VALUES += [b"1" + b"0" * 199, b"0.000001", b"-0", b"1e-400", b"-9.5e299"]
-GOOD_TIMESTAMPS = [b"1700000000", b"1700000000.25", b"-1", b"1000000000", b"9999999999"]
-BAD_VALUES = [b"inf", b"-inf", b"+inf", b"Infinity", b"nan", b"NaN", b"1e400", b"1e300"]
-BAD_VALUES += [b"1" + b"0" * 200, b"12e299", b"1e+300", b"0x10", b"1_000", b"1,5", b"abc", b"\xff"]
-BAD_TIMESTAMPS = [b"1e20", b"-5", b"0", b"999999999", b"10000000000", b"1.7e9", b"now", b"-1.5"]
-
-
-def good_and_bad_lines() -> tuple[list[bytes], list[bytes], list[bytes]]:
-    """(lines carbon-cache stores, lines it cannot, lines the relay discards itself)."""
-    good = [b"ok.value.%d %s 1700000000" % (i, v) for i, v in enumerate(GOOD_VALUES)]
-    good += [b"ok.ts.%d 1 %s" % (i, t) for i, t in enumerate(GOOD_TIMESTAMPS)]
-    good += [
-        b"ok.tagged;dc=eu;role=web 1 1700000000",
-        "ok.rewritten.äöü.(x)%y 1 1700000000".encode(),
-        b"ok." + b"d" * 255 + b"." + b"f" * 251 + b" 1 1700000000",  # longest components
-        b".".join([b"c" * 200] * 5) + b".x" * 10 + b" 1 1700000000",  # 1024 bytes
-    ]
-    bad = [b"bad.value.%d %s 1700000000" % (i, v) for i, v in enumerate(BAD_VALUES)]
-    bad += [b"bad.ts.%d 1 %s" % (i, t) for i, t in enumerate(BAD_TIMESTAMPS)]
-    bad += [
-        b"bad.no.timestamp 1",
-        b"bad.extra.field 1 1700000000 1",
-        b"bad." + b"d" * 256 + b".x 1 1700000000",  # a directory name over 255 bytes
-        b"bad." + b"f" * 252 + b" 1 1700000000",  # a file name over 255 with .wsp
-        b".".join([b"c" * 200] * 5) + b".x" * 10 + b"y 1 1700000000",  # 1025 bytes
-        b".".join([b"n" * 100] * 100) + b" 1 1700000000",  # a 10 KB name
-        b";dc=eu 1 1700000000",  # tags without a name
-        b"bad.semicolon 1;x=1 1700000000",  # routed by "bad.semicolon 1"
-    ]
-    discarded = [b"bad.no.value", b"", b"   "]
-    return good, bad, discarded
 
 
 @pytest.mark.slow

@@ -44,6 +44,19 @@ class Cluster:
         return self._hosts[name]
 
 
+def owners_by_member(cluster: Cluster) -> dict[str, tuple[str, str]]:
+    """host:port (as the relay prints it) -> (storage host, instance name)."""
+    members = {}
+    for host in cluster.group("storage"):
+        facts = cluster.vars(host)
+        for instance in facts["carbon_instances"]:
+            members[f"{facts['carbonscale_address']}:{instance['line_port']}"] = (
+                host,
+                instance["name"],
+            )
+    return members
+
+
 @cache
 def role_default(role: str, name: str):
     """A role's default as written in its defaults/main.yml (a literal value):
@@ -66,3 +79,17 @@ def wait_for(predicate, timeout: float, step: float = 0.2):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+def tracebacks_since(cluster: Cluster, since: float) -> dict[str, str]:
+    """{host: what its journal logged around each Python traceback since `since`
+    (Unix time)} for every host of the inventory that logged one."""
+    found = {}
+    for name in cluster.group("all"):
+        out = cluster.host(name).run(
+            f"journalctl --since @{int(since)} -q -o short-iso --no-pager"
+            " | grep -B2 -A8 'Traceback (most recent call last)'"
+        )
+        if out.stdout.strip():
+            found[name] = out.stdout
+    return found

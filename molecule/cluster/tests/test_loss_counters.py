@@ -17,43 +17,13 @@ import json
 
 import pytest
 from cluster_hosts import setting, wait_for
-
-# The newest point of each whisper file given that exists: {path: value}.
-LAST_VALUES = (
-    "python3 -c 'import json, os, sys, time, whisper\n"
-    "out = {}\n"
-    "for path in filter(os.path.exists, sys.argv[1:]):\n"
-    "    (start, end, step), values = whisper.fetch(path, int(time.time()) - 600)\n"
-    "    out[path] = ([v for v in values if v is not None] or [None])[-1]\n"
-    "print(json.dumps(out))' "
-)
-
-
-def last_values(host, paths: list[str]) -> dict[str, float | None]:
-    return json.loads(host.check_output(LAST_VALUES + " ".join(paths)))
-
-
-def last_value(host, path: str) -> float | None:
-    return last_values(host, [path]).get(path)
+from whisper_points import arrived, last_value
 
 
 def restarts(host, unit: str) -> tuple[int, str]:
     shown = host.check_output(f"systemctl show -p NRestarts -p ActiveState --value {unit}")
     count, state = shown.split()
     return int(count), state
-
-
-def arrived(cluster, want: dict[str, float]) -> bool:
-    """Has every metric of want, somewhere on the storage hosts, the newest value
-    want says? (A report sent to a relay is written where the ring says.)"""
-    found = {}
-    for host in cluster.group("storage"):
-        root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-        paths = {f"{root}/{metric.replace('.', '/')}.wsp": metric for metric in want}
-        for path, value in last_values(cluster.host(host), list(paths)).items():
-            if value == want[paths[path]]:
-                found[paths[path]] = value
-    return found == want
 
 
 def test_each_director_reports_its_nginx_refusal_totals(cluster):

@@ -20,7 +20,7 @@ import os
 import time
 
 import pytest
-from cluster_hosts import Cluster
+from cluster_hosts import Cluster, owners_by_member
 
 METRICS = 1000
 
@@ -74,19 +74,6 @@ def front_door(cluster: Cluster) -> tuple[str, str]:
     if vips and cluster.group("lvs"):
         return cluster.group("storage")[0], f"{vips[0]}:2003"
     return relay, f"{cluster.vars(relay)['carbonscale_address']}:2003"
-
-
-def owners_by_member(cluster: Cluster) -> dict[str, tuple[str, str]]:
-    """host:port (as the relay prints it) -> (storage host, instance name)."""
-    members = {}
-    for host in cluster.group("storage"):
-        facts = cluster.vars(host)
-        for instance in facts["carbon_instances"]:
-            members[f"{facts['carbonscale_address']}:{instance['line_port']}"] = (
-                host,
-                instance["name"],
-            )
-    return members
 
 
 def whisper_names(cluster: Cluster, host: str, prefix: str) -> set[str]:

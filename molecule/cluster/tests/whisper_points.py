@@ -61,3 +61,42 @@ def wait_for_points(
         return found if len(found) >= expected else None
 
     return wait_for(complete, timeout, step=5) or points_on_disk(cluster, storage, prefix, window)
+
+
+# The newest point of each whisper file given that exists: {path: value}.
+LAST_VALUES = (
+    "python3 -c 'import json, os, sys, time, whisper\n"
+    "out = {}\n"
+    "for path in filter(os.path.exists, sys.argv[1:]):\n"
+    "    (start, end, step), values = whisper.fetch(path, int(time.time()) - 600)\n"
+    "    out[path] = ([v for v in values if v is not None] or [None])[-1]\n"
+    "print(json.dumps(out))' "
+)
+
+
+def last_values(host, paths: list[str]) -> dict[str, float | None]:
+    return json.loads(host.check_output(LAST_VALUES + " ".join(paths)))
+
+
+def last_value(host, path: str) -> float | None:
+    return last_values(host, [path]).get(path)
+
+
+def newest_values(cluster: Cluster, metrics: list[str]) -> dict[str, float]:
+    """{metric: its newest point of the last 10 minutes} for the metrics of the
+    list that have a file with a point on some storage host (each is written
+    where the ring says: the checks need not know which host)."""
+    found = {}
+    for host in cluster.group("storage"):
+        root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
+        paths = {f"{root}/{metric.replace('.', '/')}.wsp": metric for metric in metrics}
+        for path, value in last_values(cluster.host(host), list(paths)).items():
+            if value is not None:
+                found[paths[path]] = value
+    return found
+
+
+def arrived(cluster: Cluster, want: dict[str, float]) -> bool:
+    """Has every metric of want, somewhere on the storage hosts, the newest value
+    want says? (A report sent to a relay is written where the ring says.)"""
+    return newest_values(cluster, list(want)) == want
