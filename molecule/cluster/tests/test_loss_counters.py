@@ -17,7 +17,7 @@ import json
 
 import pytest
 from cluster_hosts import setting, wait_for
-from whisper_points import arrived, last_value
+from whisper_points import arrived, newest_values
 
 
 def restarts(host, unit: str) -> tuple[int, str]:
@@ -55,13 +55,13 @@ def test_a_killed_carbon_cache_instance_is_counted_on_the_dashboard(cluster):
     )
     ran = host.run("systemctl start carbonscale-storage-report.service")
     assert ran.rc == 0, host.run("journalctl -u carbonscale-storage-report -n 5").stdout
-    root = setting(cluster, name, "carbon_storage", "carbon_storage_whisper_dir")
-    # The role's default prefix, sent to this node's own instances: the file is here.
-    top = f"{root}/carbonscale/storage/{name.replace('.', '_')}/{instance}"
-    counted = wait_for(lambda: last_value(host, f"{top}/restarts.wsp") == before + 1, 60, 2)
+    # The role's default prefix, sent through the relays: the files are where
+    # the ring places them, on any storage host.
+    metric = f"carbonscale.storage.{name.replace('.', '_')}.{instance}"
+    want = {f"{metric}.restarts": before + 1, f"{metric}.running": 1}
+    counted = wait_for(lambda: arrived(cluster, want), 60, 2)
     print(
         f"\n{unit} on {name} killed: NRestarts {before} -> {before + 1}, "
-        f"on disk {last_value(host, f'{top}/restarts.wsp')}"
+        f"on disk {newest_values(cluster, list(want))}"
     )
     assert counted
-    assert last_value(host, f"{top}/running.wsp") == 1

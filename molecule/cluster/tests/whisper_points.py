@@ -78,10 +78,6 @@ def last_values(host, paths: list[str]) -> dict[str, float | None]:
     return json.loads(host.check_output(LAST_VALUES + " ".join(paths)))
 
 
-def last_value(host, path: str) -> float | None:
-    return last_values(host, [path]).get(path)
-
-
 def newest_values(cluster: Cluster, metrics: list[str]) -> dict[str, float]:
     """{metric: its newest point of the last 10 minutes} for the metrics of the
     list that have a file with a point on some storage host (each is written
