@@ -34,7 +34,7 @@ from pathlib import Path
 
 from carbon.util import TaggedSeries
 from cluster_hosts import owners_by_member, setting, tracebacks_since, wait_for
-from whisper_points import newest_values
+from whisper_points import newest_values, points_on_disk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
 from line_samples import good_and_bad_lines, random_name
@@ -87,9 +87,22 @@ def remove_files(cluster, paths_by_host: dict[str, set[str]]) -> None:
 
 
 def relay_counter_total(cluster, name: str) -> float:
-    """The sum over the relays of carbon.relays.<relay>.<name> as it last reached whisper."""
+    """The sum over the relays of carbon.relays.<relay>.<name> as it last reached
+    whisper: carbon-c-relay's counters, which count from its start."""
     metrics = [f"carbon.relays.{relay}.{name}" for relay in cluster.group("relays")]
     return sum(newest_values(cluster, metrics).values())
+
+
+def statsd_relay_counted_since(cluster, name: str, since: int) -> float:
+    """The sum over the relays of carbon.relays.<relay>.statsd.<name> since `since`:
+    the statsd relay sends what each interval counted."""
+    total = 0.0
+    for relay in cluster.group("relays"):
+        points = points_on_disk(
+            cluster, cluster.group("storage"), f"carbon.relays.{relay}.statsd", 900
+        )
+        total += sum(v for (leaf, ts), v in points.items() if leaf == name and int(ts) >= since)
+    return total
 
 
 # ----- lines carbon-cache cannot store -------------------------------------
@@ -112,7 +125,10 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
     payload = pickle.dumps(pickled, protocol=2)
     statsd = [f"{prefix}statsd.{i}:".encode() + line for i, line in enumerate(STATSD_REFUSED)]
     blackholed = relay_counter_total(cluster, "metricsBlackholed")
-    refused = relay_counter_total(cluster, "statsd.metrics_refused")
+    # The statsd relay's interval that holds the sending, and those after it.
+    since = stamp - int(
+        setting(cluster, cluster.group("relays")[0], "statsd_relay", "statsd_relay_stats_interval")
+    )
 
     send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in bad))
     send_tcp(door(cluster, 2004), struct.pack("!L", len(payload)) + payload)
@@ -123,13 +139,13 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
     counted = wait_for(
         lambda: (
             relay_counter_total(cluster, "metricsBlackholed") - blackholed >= len(bad)
-            and relay_counter_total(cluster, "statsd.metrics_refused") - refused >= len(statsd)
+            and statsd_relay_counted_since(cluster, "metrics_refused", since) >= len(statsd)
         ),
         PATIENCE,
         step=5,
     )
     blackholed = relay_counter_total(cluster, "metricsBlackholed") - blackholed
-    refused = relay_counter_total(cluster, "statsd.metrics_refused") - refused
+    refused = statsd_relay_counted_since(cluster, "metrics_refused", since)
     # Whatever a relay let through would be in carbon-cache's files within
     # seconds of the counters: look after one more statistics interval.
     time.sleep(10)
