@@ -168,9 +168,9 @@ def _sort_by_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = (packed & low).astype(np.int64)
     del packed
     ordered = key[order]
-    mixed = np.flatnonzero(
-        (ordered[1:] != ordered[:-1]) & ((ordered[1:] & ~low) == (ordered[:-1] & ~low))
-    )
+    step = ordered[1:] ^ ordered[:-1]  # 0 < step <= low: a new key, same high bits
+    mixed = np.flatnonzero((step != 0) & (step <= low))
+    del step
     if len(mixed):
         # Keys are in order of their high bits: a run of equal high bits spans
         # from the first key >= high to the last key <= high | low.
