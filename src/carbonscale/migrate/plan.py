@@ -14,14 +14,15 @@ Everything here is vectorized over names: a 64-bit FNV-1a key per listed
 name joins the hosts' listings (one sort of the keys, not a dict of names;
 two different names with one key, about one chance in a million at ten
 million names, are detected by a second hash and refused), owners come from
-Ring.locate_batch, and host sets are bit masks (at most 64 storage hosts).
+the rings' placement keys (Ring.placement_keys, hashed once per listed copy
+and shared by two rings of one kind), and host sets are bit masks (at most 64
+storage hosts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import operator
 import os
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ import numpy as np
 from carbonscale import CarbonscaleError
 from carbonscale.migrate._ringglue import join_lines
 from carbonscale.migrate.transport import DEFAULT_PORT, Client, Listing, decode_listing
-from carbonscale.ring import Ring, fnv1a_32_batch, fnv1a_64_batch
+from carbonscale.ring import POSITIONS, Ring, fnv1a_32_batch, fnv1a_64_batch
 
 MAX_HOSTS = 64
 PLAN_MAGIC = "# carbonscale migrate plan 1"
@@ -60,16 +61,29 @@ def describe_ring(ring: Ring) -> dict:
     }
 
 
-def carbon_paths(listing: Listing) -> tuple[list[bytes], np.ndarray | None]:
-    """A listing's paths that are carbon's path of a metric name, and their indices
-    (None: all of them). A path with a '.' outside its '.wsp' suffix is left out:
-    carbon would never write a metric to it."""
+def carbon_names(listing: Listing) -> tuple[list[bytes], np.ndarray | None]:
+    """The metric names of a listing's paths that are carbon's path of a metric
+    name, and those paths' line indices (None: all of them). A path with a '.'
+    outside its '.wsp' suffix is left out: carbon would never write a metric to it."""
     block = listing.block
-    paths = block.split(b"\n")[:-1]
     if block.count(b".") == listing.count == block.count(b".wsp\n"):  # the common case
-        return paths, None
+        # Every line ends in the only '.wsp\n' and has no other '.': one split names them.
+        names = block.replace(b"/", b".").split(b".wsp\n")
+        names.pop()
+        return names, None
+    paths = listing.paths
     keep = [i for i, p in enumerate(paths) if p.count(b".") == 1 and p.endswith(b".wsp")]
-    return [paths[i] for i in keep], np.asarray(keep, dtype=np.int64)
+    return names_of([paths[i] for i in keep]), np.asarray(keep, dtype=np.int64)
+
+
+def paths_at(listing: Listing, lines: np.ndarray) -> list[bytes]:
+    """The listing's paths on the given line indices, without splitting all of it."""
+    if not len(lines):
+        return []
+    ends = np.flatnonzero(np.frombuffer(listing.block, dtype=np.uint8) == ord("\n"))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    block = listing.block
+    return [block[s:e] for s, e in zip(starts[lines].tolist(), ends[lines].tolist(), strict=True)]
 
 
 def without_prefixes(listing: Listing, prefixes: list[str] | tuple[str, ...]) -> Listing:
@@ -135,99 +149,149 @@ def _masks(rows: np.ndarray, member_host: np.ndarray) -> np.ndarray:
     return masks
 
 
-def _pick(items: list, indices: np.ndarray) -> list:
-    """items at indices, by itemgetter (a C loop, not a Python one)."""
-    if len(indices) == 0:
-        return []
-    if len(indices) == 1:
-        return [items[int(indices[0])]]
-    return list(operator.itemgetter(*indices.tolist())(items))
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-class _Owners:
-    """Owner rows of a ring for chunks of names. Two carbon_ch (or fnv1a_ch) rings
-    place a name by the same 16-bit position: it is hashed once for both (the
-    per-position owner table is what Ring.locate_batch indexes, as Locator does)."""
+def _sort_by_key(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of `key` in (key, index) order, and the keys in that order.
 
-    def __init__(self, new: Ring, old: Ring | None) -> None:
-        self.new, self.old = new, old
-        self.shared = (
-            old is not None
-            and new.hash_type == old.hash_type != "jump_fnv1a_ch"
-            and new.signed_char == old.signed_char
-        )
-
-    def rows(self, names: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
-        if not self.shared:
-            old_rows = self.old.locate_batch(names) if self.old is not None else None
-            return self.new.locate_batch(names), old_rows
-        positions = self.new.positions(names)
-        return (
-            self.new._owner_rows[self.new._start_of_position[positions]],
-            self.old._owner_rows[self.old._start_of_position[positions]],
-        )
+    One np.sort of uint64 values holding a key's high bits above its index
+    (several times faster than an argsort, and stable); the few runs of equal
+    high bits holding different keys (about a hundred at twenty million keys)
+    are then put in key order."""
+    index_bits = max(1, (len(key) - 1).bit_length())
+    low = np.uint64((1 << index_bits) - 1)
+    packed = key & ~low
+    packed |= np.arange(len(key), dtype=np.uint64)
+    packed.sort()
+    order = (packed & low).astype(np.int64)
+    del packed
+    ordered = key[order]
+    step = ordered[1:] ^ ordered[:-1]  # 0 < step <= low: a new key, same high bits
+    mixed = np.flatnonzero((step != 0) & (step <= low))
+    del step
+    if len(mixed):
+        # Keys are in order of their high bits: a run of equal high bits spans
+        # from the first key >= high to the last key <= high | low.
+        high = np.unique(ordered[mixed] & ~low)
+        starts = np.searchsorted(ordered, high, side="left")
+        ends = np.searchsorted(ordered, high | low, side="right")
+        runs = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+        resorted = runs[np.lexsort((order[runs], ordered[runs]))]
+        order[runs] = order[resorted]
+        ordered[runs] = ordered[resorted]
+    return order, ordered
 
 
 class _Join:
-    """Every host's listing joined by name, without a Python object per listed copy.
+    """Every host's listing joined by name, without keeping a Python object per copy.
 
-    Pass one hashes each host's paths (64-bit FNV-1a, with a 32-bit FNV-1a as a
-    check) and groups equal keys with one sort: holder masks and sizes
-    per metric. Each metric is represented by its first copy in host order; pass two
-    splits each host's paths again and names only the metrics it represents."""
+    One pass over the hosts: each host's names are split out of its listing once,
+    hashed (a 64-bit FNV-1a key with a 32-bit FNV-1a as its check) and given the
+    rings' placement keys (one array per key kind), then dropped. One stable sort
+    of the keys groups the copies of each metric: its holder mask, largest size
+    and placement keys. Each metric is represented by its first copy in listing
+    order, whose line `names` reads back for the metrics that are work."""
 
-    def __init__(self, listings: dict[str, Listing], host_index: dict[str, int]) -> None:
-        self.listings = listings
-        keys, checks, hosts, sizes = [], [], [], []
+    def __init__(
+        self, listings: dict[str, Listing], host_index: dict[str, int], rings: list[Ring]
+    ) -> None:
+        self.listings = list(listings.values())
+        self.kept: list[np.ndarray | None] = []
+        kinds = {ring.key_kind: ring for ring in rings}
+        keys, checks, counts, sizes = [], [], [], []
+        placement: dict[tuple, list[np.ndarray]] = {kind: [] for kind in kinds}
         self.skipped = 0
-        for host, listing in listings.items():
-            paths, kept = carbon_paths(listing)
-            self.skipped += listing.count - len(paths)
-            keys.append(fnv1a_64_batch(paths))  # a path names its metric as well as the name
-            checks.append(fnv1a_32_batch(paths))
-            hosts.append(np.full(len(paths), host_index[host], dtype=np.int64))
+        for listing in self.listings:
+            names, kept = carbon_names(listing)
+            self.kept.append(kept)
+            self.skipped += listing.count - len(names)
+            counts.append(len(names))
+            keys.append(fnv1a_64_batch(names))
+            checks.append(fnv1a_32_batch(names))
+            for kind, ring in kinds.items():
+                found = ring.placement_keys(names)
+                if ring.hash_type != "jump_fnv1a_ch":
+                    found = found.astype(np.uint16)  # a 16-bit position: 2 bytes a copy
+                placement[kind].append(found)
             sizes.append(listing.sizes if kept is None else listing.sizes[kept])
-            del paths
-        key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+            del names
+        # In (key, copy) order a metric's first copy in listing order comes first.
+        order, sorted_key = _sort_by_key(_concat(keys, np.uint64))
         del keys
-        host = np.concatenate(hosts) if hosts else np.zeros(0, np.int64)
-        local = np.concatenate([np.arange(len(h)) for h in hosts]) if hosts else host
-        order = np.argsort(key)  # any copy may represent its metric
-        sorted_key = key[order]
-        del key
         first = np.ones(len(order), dtype=bool)
         first[1:] = sorted_key[1:] != sorted_key[:-1]
         del sorted_key
+        check = _concat(checks, np.uint32)[order]
+        del checks
+        # Two names with one key: copies of one group whose checks differ.
+        self.collision = bool((~first[1:] & (check[1:] != check[:-1])).any())
+        del check
         starts = np.flatnonzero(first)
-        check = np.concatenate(checks)[order] if checks else np.zeros(0, np.uint32)
-        group = np.cumsum(first) - 1
-        self.collision = bool((check != check[starts][group]).any())
-        del check, group, first
+        del first
+        copy_listing = np.repeat(np.arange(len(counts), dtype=np.uint8), counts)[order]
+        listing_bits = _bits(np.array([host_index[h] for h in listings], dtype=np.int64))
         self.holders = (
-            np.bitwise_or.reduceat(_bits(host[order]), starts) if len(starts) else _bits(host)
+            np.bitwise_or.reduceat(listing_bits[copy_listing], starts)
+            if len(starts)
+            else np.zeros(0, np.uint64)
         )
         self.sizes = (
-            np.maximum.reduceat(np.concatenate(sizes)[order], starts)
+            np.maximum.reduceat(_concat(sizes, np.int64)[order], starts)
             if len(starts)
             else np.zeros(0, np.int64)
         )
+        del sizes
         representative = order[starts]
-        self.rep_host = host[representative]
-        self.rep_local = local[representative]
+        del order
+        self.rep_listing = copy_listing[starts]
+        offsets = np.cumsum([0, *counts[:-1]], dtype=np.int64)
+        self.rep_local = representative - offsets[self.rep_listing]
+        self.placement = {
+            kind: _concat(parts, np.uint16)[representative] for kind, parts in placement.items()
+        }
 
     def __len__(self) -> int:
-        return len(self.rep_host)
+        return len(self.rep_listing)
 
-    def by_host(self, host_index: dict[str, int]) -> Iterator[tuple[np.ndarray, list[bytes]]]:
-        """(metric indices, their names) host by host: every metric once."""
-        for host, listing in self.listings.items():
-            metrics = np.flatnonzero(self.rep_host == host_index[host])
-            if not len(metrics):
-                continue
-            paths, _ = carbon_paths(listing)
-            picked = _pick(paths, self.rep_local[metrics])
-            del paths
-            yield metrics, names_of(picked)
+    def keys(self, ring: Ring) -> np.ndarray:
+        """Every metric's placement keys for `ring`."""
+        return self.placement[ring.key_kind]
+
+    def names(self, metrics: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+        """The names of `metrics`, read from their representatives' listings: the
+        metrics reordered listing by listing (in metric order within one), and
+        their names."""
+        metrics = metrics[np.argsort(self.rep_listing[metrics], kind="stable")]
+        found: list[bytes] = []
+        bounds = np.searchsorted(self.rep_listing[metrics], np.arange(len(self.listings) + 1))
+        for index, listing in enumerate(self.listings):
+            local = self.rep_local[metrics[bounds[index] : bounds[index + 1]]]
+            kept = self.kept[index]
+            found += names_of(paths_at(listing, local if kept is None else kept[local]))
+        return metrics, found
+
+
+class _Owners:
+    """Owner host masks of a ring's placement keys. A 16-bit position's owners are
+    looked up in a table of all 65536 (what Ring.locate_keys would give); jump
+    keys are placed in chunks."""
+
+    def __init__(self, ring: Ring, member_host: np.ndarray) -> None:
+        self.ring, self.member_host = ring, member_host
+        self.table = None
+        if ring.hash_type != "jump_fnv1a_ch":
+            self.table = _masks(ring.locate_keys(np.arange(POSITIONS)), member_host)
+
+    def masks(self, keys: np.ndarray) -> np.ndarray:
+        if self.table is not None:
+            return self.table[keys]
+        masks = np.zeros(len(keys), dtype=np.uint64)
+        for start in range(0, len(keys), LOCATE_CHUNK):
+            rows = self.ring.locate_keys(keys[start : start + LOCATE_CHUNK])
+            masks[start : start + LOCATE_CHUNK] = _masks(rows, self.member_host)
+        return masks
 
 
 class _Reshuffle:
@@ -297,44 +361,33 @@ def compute_plan(
         for host in ring_hosts(ring) if ring else []:
             if host not in listings:
                 raise CarbonscaleError(f"no listing of ring host {host}: its copies are unknown")
-    joined = _Join(listings, host_index)
+    joined = _Join(listings, host_index, [ring for ring in (new, old) if ring is not None])
     if joined.collision:
         raise CarbonscaleError(
             "two different metric names share a 64-bit name key (about one chance in a "
             "million at ten million names): plan the hosts in two parts"
         )
     count = len(joined)
-    owners = np.zeros(count, dtype=np.uint64)
-    changed = np.zeros(count, dtype=bool)
     new_host = np.array([host_index[m.host] for m in new.members], dtype=np.int64)
-    old_host = np.array([host_index[m.host] for m in old.members], np.int64) if old else None
-    reshuffle = _Reshuffle(old, new) if old else None
-    locator = _Owners(new, old)
-    work_names: list[bytes] = []
-    work_metrics = []
+    owners = _Owners(new, new_host).masks(joined.keys(new))
     holders = joined.holders
-    for metrics, names in joined.by_host(host_index):
-        for start in range(0, len(names), LOCATE_CHUNK):
-            chunk = names[start : start + LOCATE_CHUNK]
-            rows = metrics[start : start + LOCATE_CHUNK]
-            new_rows, old_rows = locator.rows(chunk)
-            mask = _masks(new_rows, new_host)
-            owners[rows] = mask
-            held = holders[rows]
-            work = held != mask
-            if old is not None:
-                moved = _masks(old_rows, old_host) != mask
-                changed[rows] = moved
-                # A new owner that already holds a file (carbon created it at the
-                # switch) still lacks the history: owners that changed always pull.
-                single = (mask & (mask - np.uint64(1))) == 0
-                pulls = (held != 0) & ~((mask == held) & single)
-                work |= moved & pulls
-                if reshuffle.active:
-                    reshuffle.add(old_rows, new_rows)
-            picked = np.flatnonzero(work)
-            work_names.extend(_pick(chunk, picked))
-            work_metrics.append(rows[picked])
+    work = holders != owners
+    reshuffle = _Reshuffle(old, new) if old else None
+    if old is not None:
+        old_host = np.array([host_index[m.host] for m in old.members], np.int64)
+        changed = _Owners(old, old_host).masks(joined.keys(old)) != owners
+        # A new owner that already holds a file (carbon created it at the
+        # switch) still lacks the history: owners that changed always pull.
+        single = (owners & (owners - np.uint64(1))) == 0
+        pulls = (holders != 0) & ~((owners == holders) & single)
+        work |= changed & pulls
+        del single, pulls
+        if reshuffle.active:
+            new_keys, old_keys = joined.keys(new), joined.keys(old)
+            for start in range(0, count, LOCATE_CHUNK):
+                part = slice(start, start + LOCATE_CHUNK)
+                reshuffle.add(old.locate_keys(old_keys[part]), new.locate_keys(new_keys[part]))
+    work, work_names = joined.names(np.flatnonzero(work))
     summary: dict = {
         "metrics": count,
         "copies": int(sum(len(listing) for listing in listings.values())),
@@ -350,7 +403,6 @@ def compute_plan(
             )
     if old is not None:
         summary["owner_change"] = int(changed.sum())
-    work = np.concatenate(work_metrics) if work_metrics else np.zeros(0, np.int64)
     plan = Plan(
         hosts, endpoints, work_names, owners[work], holders[work], joined.sizes[work], summary
     )

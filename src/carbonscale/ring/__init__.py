@@ -22,7 +22,9 @@ Public interface (other modules import these; keep them stable):
 * ``parse_member(text) -> Member`` and ``Member`` (host, port, instance)
 * ``Ring(members, hash_type, compat, replication, diverse_replicas)`` with
   ``locate(name) -> list[Member]`` and ``locate_batch(names) -> ndarray``
-  (member indices, shape (n, replication), primary first)
+  (member indices, shape (n, replication), primary first); the same in two
+  steps, ``placement_keys(names)`` (what placement reads of a name, shared by
+  rings of one ``key_kind``) then ``locate_keys(keys)``
 * ``fnv1a_64(data, signed_char=False)``, ``fnv1a_64_batch(names, ...)``,
   ``jump_hash(key, buckets)``, ``jump_hash_batch(keys, buckets)``,
   ``xorshift64(key)``: the statsd relay hashes with these (StatsRelay reads

@@ -270,15 +270,33 @@ class Ring:
         h = fnv1a_32_batch(names, self.signed_char).astype(np.int64)
         return (h >> 16) ^ (h & 0xFFFF)
 
+    @property
+    def key_kind(self) -> tuple:
+        """What `placement_keys` computes: two rings of one kind read the same keys
+        (two carbon_ch rings both place a name by its MD5 position)."""
+        if self.hash_type == "carbon_ch":
+            return ("md5_position",)
+        if self.hash_type == "fnv1a_ch":
+            return ("fnv1a_position", self.signed_char)
+        return ("fnv1a_64", True)
+
+    def placement_keys(self, names: Sequence[bytes]) -> np.ndarray:
+        """All a name's placement depends on: its 16-bit position (carbon_ch,
+        fnv1a_ch) or its 64-bit FNV-1a (jump_fnv1a_ch, bytes read signed as the
+        relay does). `locate_keys` places them."""
+        if self.hash_type == "jump_fnv1a_ch":
+            return fnv1a_64_batch(names, signed_char=True)
+        return self.positions(names)
+
+    def locate_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Owner member indices of placement keys, shape (len(keys), replication)."""
+        if self.hash_type == "jump_fnv1a_ch":
+            return hashes.jump_replicas(keys, self.bucket_order, self.replication)
+        return self._owner_rows[self._start_of_position[keys]]
+
     def locate_batch(self, names: Sequence[bytes]) -> np.ndarray:
         """Owner member indices for each name, shape (len(names), replication)."""
-        if self.hash_type == "jump_fnv1a_ch":
-            return self._jump_batch(names)
-        return self._owner_rows[self._start_of_position[self.positions(names)]]
-
-    def _jump_batch(self, names: Sequence[bytes]) -> np.ndarray:
-        keys = fnv1a_64_batch(names, signed_char=True)
-        return hashes.jump_replicas(keys, self.bucket_order, self.replication)
+        return self.locate_keys(self.placement_keys(names))
 
     def locate(self, name: str | bytes) -> list[Member]:
         data = name.encode() if isinstance(name, str) else name
