@@ -131,17 +131,18 @@ class NameCounter:
             hashes ^= word
             hashes *= _WORD_MULTIPLIER
             hashes ^= hashes >> _SHIFT
-        unique, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        unique, counts = np.unique(hashes, return_counts=True)
         names = self.names
-        known = np.fromiter(names, np.uint64, len(names)) if names else None
-        new = np.ones(len(unique), bool) if known is None else ~np.isin(unique, known)
-        for value, start, length in zip(
-            unique[new].tolist(),
-            starts[first[new]].tolist(),
-            lengths[first[new]].tolist(),
-            strict=True,
-        ):
-            names[value] = block[start : start + length]
+        new = [i for i, value in enumerate(unique.tolist()) if value not in names]
+        if new:  # one name per new hash, from its first line in the block
+            new_hashes = unique[new]
+            rows = np.flatnonzero(np.isin(hashes, new_hashes))
+            found, first = np.unique(hashes[rows], return_index=True)
+            rows = rows[first]
+            for value, start, length in zip(
+                found.tolist(), starts[rows].tolist(), lengths[rows].tolist(), strict=True
+            ):
+                names[value] = block[start : start + length]
         self.hashes.append(unique)
         self.counts.append(counts)
 
