@@ -141,10 +141,15 @@ def mixed_traffic() -> tuple[list[bytes], Counter]:
 
 
 def write_capture(path, frames: list[bytes], truncated: bytes = b"") -> None:
+    """A pcap of the frames a millisecond apart, but the last one stamped as the
+    second (stamps from several interfaces need not be in order: the span is still
+    the first record's stamp to the last one's)."""
+    stamps = [1_700_000_000 + number * 0.001 for number in range(len(frames))]
+    stamps[-1] = stamps[min(1, len(stamps) - 1)]
     with open(path, "wb") as handle:
         writer = dpkt.pcap.Writer(handle)
-        for number, frame in enumerate(frames):
-            writer.writepkt(frame, 1_700_000_000 + number * 0.001)
+        for frame, stamp in zip(frames, stamps, strict=True):
+            writer.writepkt(frame, stamp)
         handle.write(truncated)
 
 
@@ -167,6 +172,7 @@ def test_bulk_decode_reports_what_dpkts_full_decode_does(tmp_path, monkeypatch, 
     assert bulk == full
     assert {n: c for n, c, _ in bulk["top_metrics"]} == dict(truth)
     assert bulk["packets"] == len(frames)
+    assert bulk["seconds"] == pytest.approx(0.001, abs=1e-5)
     skipped = bulk["skipped"]
     assert skipped["truncated record at the end"] == 1
     assert skipped["IP fragments"] == 1

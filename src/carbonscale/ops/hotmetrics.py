@@ -165,7 +165,7 @@ class Decoder:
     frames through the pickle relay's own decoder) and statsd datagrams.
 
     Two ways down to the transport give the same text: `feed_dpkt` has dpkt decode
-    every frame (link layer, IP/IP6, TCP/UDP objects); `feed` and `feed_batch` read
+    every frame (link layer, IP/IP6, TCP/UDP objects); `feed` and `feed_batches` read
     the fixed-offset headers of plain IPv4 TCP/UDP frames of a batch with numpy
     (Ethernet, Linux cooked or raw IP; no IP options, not a fragment) and hand
     every other frame (VLAN, IPv6, options, fragments, other link types) to dpkt's
@@ -263,21 +263,25 @@ class Decoder:
     # ----- all records, in batches
 
     def feed(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
-        """Records from any reader, decoded in batches (feed_batch)."""
-        self.network_layer(linktype)
-        batch: list[tuple[float, bytes]] = []
-        for record in records:
-            batch.append(record)
-            if len(batch) == BATCH_RECORDS:
-                self.feed_batch(linktype, pcaprecords.Batch.of_frames(batch))
-                batch = []
-        if batch:
-            self.feed_batch(linktype, pcaprecords.Batch.of_frames(batch))
+        """Records from any reader, decoded in batches."""
+        self.feed_batches(linktype, _record_batches(records))
 
-    def feed_batch(self, linktype: int, batch: pcaprecords.Batch) -> None:
+    def feed_batches(self, linktype: int, batches: Iterable[pcaprecords.Batch]) -> None:
+        """Batches of records, read in capture order: one feed (the capture's first and
+        last record give its time span, as dpkt's record by record feeds do)."""
         network_layer = self.network_layer(linktype)
+        count = 0
+        first = last = None
+        for batch in batches:
+            if first is None:
+                first = batch.first
+            last = batch.last
+            count += len(batch.starts)
+            self._batch(network_layer, linktype, batch)
+        self.stats.span(first, last, count)
+
+    def _batch(self, network_layer, linktype: int, batch: pcaprecords.Batch) -> None:
         count = len(batch.starts)
-        self.stats.span(batch.first, batch.last, count)
         if not count:
             return
         buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
@@ -543,7 +547,7 @@ class Decoder:
 
 
 def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = False) -> Decoder:
-    """The capture decoded: a classic pcap in bulk (pcaprecords, Decoder.feed_batch),
+    """The capture decoded: a classic pcap in bulk (pcaprecords, Decoder.feed_batches),
     pcapng record by record through dpkt's reader; with full_dpkt, every record
     through dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
     decoder = decoder or Decoder()
@@ -556,10 +560,21 @@ def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = 
         return decoder
     linktype, order, divisor = header
     with handle:
-        decoder.network_layer(linktype)
-        for batch in pcaprecords.batches(handle, order, divisor, decoder.stats.skipped):
-            decoder.feed_batch(linktype, batch)
+        decoder.feed_batches(
+            linktype, pcaprecords.batches(handle, order, divisor, decoder.stats.skipped)
+        )
     return decoder
+
+
+def _record_batches(records: Iterable[tuple[float, bytes]]) -> Iterator[pcaprecords.Batch]:
+    batch: list[tuple[float, bytes]] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == BATCH_RECORDS:
+            yield pcaprecords.Batch.of_frames(batch)
+            batch = []
+    if batch:
+        yield pcaprecords.Batch.of_frames(batch)
 
 
 def _flows(buffer, raw, rows, ip, ports, kinds, begins, ends) -> Iterator[tuple]:
