@@ -3,18 +3,30 @@ line (TCP or UDP), pickle (TCP) and statsd (UDP) traffic a relay receives, and
 the load they put on each storage instance (by the ring, after the relay's name
 rewrite) and each statsd daemon (by the statsd relay's placement).
 
-Captures are decoded with dpkt: records from dpkt.pcap.Reader or
-dpkt.pcapng.Reader, the link layer by the capture's link type (Ethernet, Linux
-cooked v1 and v2, loopback, raw IP), then dpkt's IP/IP6 and TCP/UDP. What is
-ours is above the transport: TCP payloads are reassembled per connection in
-sequence order before they are cut into lines and pickle frames (decoded by the
-pickle relay's own decoder); a connection seen from its middle starts at its
+Captures are read with dpkt, two ways that give the same report (tested equal):
+
+- dpkt's full decode (Decoder.feed_dpkt): records from dpkt.pcap.Reader or
+  dpkt.pcapng.Reader, the link layer by the capture's link type (Ethernet, Linux
+  cooked v1 and v2, loopback, raw IP), then dpkt's IP/IP6 and TCP/UDP objects;
+- the bulk path, what decode_capture uses: dpkt reads a classic pcap's file
+  header and its records are walked in large blocks (pcaprecords); the headers of
+  plain IPv4 TCP/UDP frames (Ethernet, Linux cooked, raw IP; no IP options, not a
+  fragment) are read at fixed offsets with numpy for a whole batch, and every
+  other frame (VLAN, IPv6, options, fragments, loopback, pcapng) goes through
+  dpkt's full decode. A dpkt object per packet is what cost the time.
+
+What is ours is above the transport: TCP payloads are reassembled per connection
+in sequence order before they are cut into lines and pickle frames (decoded by
+the pickle relay's own decoder); a connection seen from its middle starts at its
 first newline (line) or is skipped (pickle: no frame boundary to start from).
+Segments that continue a connection back to back are joined at once, the others
+go segment by segment. Points are counted per name with numpy (namecount).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import tempfile
 import time
@@ -22,8 +34,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import dpkt
+import numpy as np
 
 from carbonscale import CarbonscaleError
+from carbonscale.ops import pcaprecords
+from carbonscale.ops.namecount import count_names, reference_names
 from carbonscale.relay import lines as relay_lines
 from carbonscale.relay.statsd.backends import parse_backends
 from carbonscale.relay.statsd.placement import primary
@@ -76,13 +91,28 @@ class CaptureStats:
         self.last = None
         self.skipped = Counter()
 
+    def span(self, first, last, count: int) -> None:
+        self.packets += count
+        if first is not None:
+            self.first = first if self.first is None else min(self.first, first)
+            self.last = last if self.last is None else max(self.last, last)
+
 
 def open_capture(path: str, stats: CaptureStats) -> tuple[int, Iterable[tuple[float, bytes]]]:
-    """The link type and the (timestamp, frame) records of a pcap or pcapng file."""
+    """The link type and the (timestamp, frame) records of a pcap or pcapng file, read
+    by dpkt record by record."""
+    handle = _open(path)
+    return _dpkt_reader(path, handle, stats)
+
+
+def _open(path: str):
     try:
-        handle = open(path, "rb")  # noqa: SIM115 (read by the generator)
+        return open(path, "rb")
     except OSError as exc:
         raise CarbonscaleError(f"cannot read capture {path}: {exc.strerror}") from exc
+
+
+def _dpkt_reader(path: str, handle, stats: CaptureStats):
     try:
         reader = dpkt.pcap.Reader(handle)
     except (ValueError, dpkt.dpkt.NeedData, dpkt.dpkt.UnpackError):
@@ -113,9 +143,35 @@ class _Stream:
         self.synced = synced
 
 
+# Link types whose IPv4 packets the bulk path reads: (link header length, offset
+# of its 2-byte EtherType, None for raw IP).
+_BULK_LINKS = {
+    dpkt.pcap.DLT_EN10MB: (14, 12),
+    dpkt.pcap.DLT_LINUX_SLL: (16, 14),
+    dpkt.pcap.DLT_LINUX_SLL2: (20, 0),
+    101: (0, None),
+    12: (0, None),
+    14: (0, None),
+}
+_KIND_CODES = {"line": 1, "pickle": 2, "statsd": 3}
+_CLOSING = _SYN | _FIN | _RST
+_FRAME_LENGTH = struct.Struct(">I").unpack_from
+# Records decoded per batch when they come one by one (pcapng, feed()).
+BATCH_RECORDS = 1 << 16
+
+
 class Decoder:
-    """Decodes frames (dpkt, down to TCP/UDP) into line-protocol text per protocol
-    (pickle frames through the pickle relay's own decoder) and statsd datagrams."""
+    """Decodes frames down to TCP/UDP into line-protocol text per protocol (pickle
+    frames through the pickle relay's own decoder) and statsd datagrams.
+
+    Two ways down to the transport give the same text: `feed_dpkt` has dpkt decode
+    every frame (link layer, IP/IP6, TCP/UDP objects); `feed` and `feed_batches` read
+    the fixed-offset headers of plain IPv4 TCP/UDP frames of a batch with numpy
+    (Ethernet, Linux cooked or raw IP; no IP options, not a fragment) and hand
+    every other frame (VLAN, IPv6, options, fragments, other link types) to dpkt's
+    full decode. TCP segments of one connection in a batch that follow each other
+    without a gap or a SYN/FIN/RST are joined at once; anything else goes through
+    the segment-by-segment reassembly."""
 
     def __init__(
         self,
@@ -126,23 +182,27 @@ class Decoder:
         self.kind = {p: "line" for p in line_ports}
         self.kind.update({p: "pickle" for p in pickle_ports})
         self.kind.update({p: "statsd" for p in statsd_ports})
+        self.kind_codes = np.zeros(65536, np.uint8)
+        for port, kind in self.kind.items():
+            self.kind_codes[port] = _KIND_CODES[kind]
         self.chunks: dict[str, list[bytes]] = {p: [] for p in PROTOCOLS}
         self.streams: dict[tuple, _Stream] = {}
         self.stats = CaptureStats()
 
-    # ----- all records
+    # ----- all records, dpkt's full decode
 
-    def feed(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
-        """Every record: dpkt decodes link, IP and TCP/UDP; datagrams are taken whole,
-        TCP segments go through the reassembly."""
+    @staticmethod
+    def network_layer(linktype: int) -> Callable[[bytes], object]:
         network_layer = _LINK_TYPES.get(linktype)
         if network_layer is None:
             raise CarbonscaleError(f"link type {linktype} is not supported (Ethernet, Linux "
                                    "cooked, loopback and raw IP are)")  # fmt: skip
-        skipped = self.stats.skipped
-        kinds = self.kind
-        tcp = self.tcp
-        statsd_chunks, line_chunks = self.chunks["statsd"], self.chunks["line"]
+        return network_layer
+
+    def feed_dpkt(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
+        """Every record through dpkt's full decode (the reference of the bulk path)."""
+        network_layer = self.network_layer(linktype)
+        transport = self.transport
         count = 0
         first = last = None
         for stamp, frame in records:
@@ -150,53 +210,225 @@ class Decoder:
                 first = stamp
             last = stamp
             count += 1
-            try:
-                ip = network_layer(frame)
-            except (dpkt.dpkt.UnpackError, IndexError):
-                skipped["undecodable frames"] += 1
-                continue
-            kind = type(ip)
-            if kind is _IP:
-                if ip.mf or ip.offset:
-                    skipped["IP fragments"] += 1
-                    continue
-            elif kind is _IP6:
-                if _IPV6_FRAGMENT in ip.extension_hdrs:
-                    skipped["IP fragments"] += 1
-                    continue
-            else:
-                skipped["not IP"] += 1
-                continue
-            segment = ip.data
-            kind = type(segment)
-            if kind is _UDP:
-                protocol = kinds.get(segment.dport)
-                if protocol == "statsd" or protocol == "line":
-                    payload = segment.data
-                    chunks = statsd_chunks if protocol == "statsd" else line_chunks
-                    chunks.append(payload if payload[-1:] == b"\n" else payload + b"\n")
-                elif protocol is None:
-                    skipped["other ports"] += 1
-                else:
-                    skipped["pickle over UDP"] += 1
-            elif kind is _TCP:
-                protocol = kinds.get(segment.dport)
-                if protocol is None or protocol == "statsd":
-                    skipped["other ports"] += 1
-                else:
-                    tcp(protocol, (ip.src, segment.sport, ip.dst, segment.dport), segment)
-            else:
-                skipped["not TCP or UDP"] += 1
-        stats = self.stats
-        stats.packets += count
-        if first is not None:
-            stats.first = first if stats.first is None else min(stats.first, first)
-            stats.last = last if stats.last is None else max(stats.last, last)
+            transport(network_layer, frame)
+        self.stats.span(first, last, count)
 
-    # ----- TCP reassembly
+    def transport(self, network_layer, frame: bytes, tcp_segments: list | None = None) -> None:
+        """One frame decoded by dpkt: a datagram is taken whole, a TCP segment goes
+        through the reassembly (or onto tcp_segments as (key, kind, flags, seq,
+        payload), for the caller to order)."""
+        skipped = self.stats.skipped
+        try:
+            ip = network_layer(frame)
+        except (dpkt.dpkt.UnpackError, IndexError):
+            skipped["undecodable frames"] += 1
+            return
+        kind = type(ip)
+        if kind is _IP:
+            if ip.mf or ip.offset:
+                skipped["IP fragments"] += 1
+                return
+        elif kind is _IP6:
+            if _IPV6_FRAGMENT in ip.extension_hdrs:
+                skipped["IP fragments"] += 1
+                return
+        else:
+            skipped["not IP"] += 1
+            return
+        segment = ip.data
+        kind = type(segment)
+        if kind is _UDP:
+            protocol = self.kind.get(segment.dport)
+            if protocol == "statsd" or protocol == "line":
+                payload = segment.data
+                chunk = payload if payload[-1:] == b"\n" else payload + b"\n"
+                self.chunks[protocol].append(chunk)
+            elif protocol is None:
+                skipped["other ports"] += 1
+            else:
+                skipped["pickle over UDP"] += 1
+        elif kind is _TCP:
+            protocol = self.kind.get(segment.dport)
+            if protocol is None or protocol == "statsd":
+                skipped["other ports"] += 1
+                return
+            key = (ip.src, segment.sport, ip.dst, segment.dport)
+            if tcp_segments is None:
+                self.tcp(protocol, key, segment.flags, segment.seq, segment.data)
+            else:
+                tcp_segments.append((key, protocol, segment.flags, segment.seq, segment.data))
+        else:
+            skipped["not TCP or UDP"] += 1
 
-    def tcp(self, kind: str, key: tuple, segment: dpkt.tcp.TCP) -> None:
-        flags, seq, payload = segment.flags, segment.seq, segment.data
+    # ----- all records, in batches
+
+    def feed(self, linktype: int, records: Iterable[tuple[float, bytes]]) -> None:
+        """Records from any reader, decoded in batches."""
+        self.feed_batches(linktype, _record_batches(records))
+
+    def feed_batches(self, linktype: int, batches: Iterable[pcaprecords.Batch]) -> None:
+        """Batches of records, read in capture order: one feed (the capture's first and
+        last record give its time span, as dpkt's record by record feeds do)."""
+        network_layer = self.network_layer(linktype)
+        count = 0
+        first = last = None
+        for batch in batches:
+            if first is None:
+                first = batch.first
+            last = batch.last
+            count += len(batch.starts)
+            self._batch(network_layer, linktype, batch)
+        self.stats.span(first, last, count)
+
+    def _batch(self, network_layer, linktype: int, batch: pcaprecords.Batch) -> None:
+        count = len(batch.starts)
+        if not count:
+            return
+        buffer, starts, lengths = batch.buffer, batch.starts, batch.lengths
+        skipped = self.stats.skipped
+        raw = np.frombuffer(buffer, np.uint8)
+        bulk = np.zeros(count, bool)
+        link = _BULK_LINKS.get(linktype)
+        if link is not None:
+            header, type_at = link
+            rows = np.flatnonzero(lengths >= header + 28)
+            ip = starts[rows] + header
+            limit = len(raw) - 1
+
+            def byte(offset: int) -> np.ndarray:
+                return raw[np.minimum(ip + offset, limit)]
+
+            ok = byte(0) == 0x45  # IPv4 without options
+            if type_at is not None:
+                ok &= (byte(type_at - header) == 8) & (byte(type_at - header + 1) == 0)
+            ok &= ((byte(6) & 0x3F) == 0) & (byte(7) == 0)  # no MF flag, no offset
+            proto = byte(9)
+            is_tcp = proto == 6
+            ok &= is_tcp | (proto == 17)
+            total = byte(2).astype(np.int64) << 8 | byte(3)
+            captured = lengths[rows] - header
+            ip_length = np.where(total == 0, captured, np.minimum(total, captured))
+            tcp_header = (byte(32) >> 4).astype(np.int64) * 4
+            ok &= np.where(is_tcp, (tcp_header >= 20) & (ip_length >= 20 + tcp_header),
+                           ip_length >= 28)  # fmt: skip
+            rows, ip, ip_length, is_tcp = rows[ok], ip[ok], ip_length[ok], is_tcp[ok]
+            tcp_header = tcp_header[ok]
+            bulk[rows] = True
+            ports = raw[ip + 20].astype(np.int64) << 24 | raw[ip + 21].astype(np.int64) << 16
+            ports |= raw[ip + 22].astype(np.int64) << 8 | raw[ip + 23]
+            kinds = self.kind_codes[ports & 0xFFFF]
+            payload_start = ip + np.where(is_tcp, 20 + tcp_header, 28)
+            payload_end = ip + ip_length
+            self._datagrams(raw, buffer, ~is_tcp, kinds, payload_start, payload_end)
+            tcp_rows = is_tcp & ((kinds == 1) | (kinds == 2))
+            skipped_tcp = int(np.count_nonzero(is_tcp)) - int(np.count_nonzero(tcp_rows))
+            if skipped_tcp:
+                skipped["other ports"] += skipped_tcp
+            segments = _flows(buffer, raw, rows[tcp_rows], ip[tcp_rows], ports[tcp_rows],
+                              kinds[tcp_rows], payload_start[tcp_rows],
+                              payload_end[tcp_rows])  # fmt: skip
+        else:
+            segments = None
+        dpkt_segments: dict[tuple, list] = {}
+        found: list = []
+        for row in np.flatnonzero(~bulk).tolist():
+            start = int(starts[row])
+            self.transport(network_layer, buffer[start : start + int(lengths[row])], found)
+            for key, *segment in found:
+                dpkt_segments.setdefault(key, []).append((row, *segment))
+            found.clear()
+        self._segments(buffer, segments, dpkt_segments)
+
+    def _datagrams(self, raw, buffer, is_udp, kinds, payload_start, payload_end) -> None:
+        skipped = self.stats.skipped
+        other = int(np.count_nonzero(is_udp & (kinds == 0)))
+        if other:
+            skipped["other ports"] += other
+        pickle_udp = int(np.count_nonzero(is_udp & (kinds == 2)))
+        if pickle_udp:
+            skipped["pickle over UDP"] += pickle_udp
+        for code, protocol in ((1, "line"), (3, "statsd")):
+            chosen = is_udp & (kinds == code)
+            if not chosen.any():
+                continue
+            begins, ends = payload_start[chosen], payload_end[chosen]
+            terminated = (ends > begins) & (raw[np.maximum(ends - 1, 0)] == 10)
+            spans = zip(begins.tolist(), ends.tolist(), terminated.tolist(), strict=True)
+            self.chunks[protocol].extend(
+                buffer[b:e] if t else buffer[b:e] + b"\n" for b, e, t in spans
+            )
+
+    def _segments(self, buffer: bytes, segments, dpkt_segments: dict[tuple, list]) -> None:
+        """Every connection's segments of a batch, in capture order per connection."""
+        tcp = self.tcp
+        if segments is not None:
+            for key, kind, rows, flags, seqs, begins, ends, tail in segments:
+                extra = dpkt_segments.pop(key, None)
+                if extra is not None:  # some of its frames were dpkt's: one by one, in order
+                    merged = [(r, f, s, buffer[b:e]) for r, f, s, b, e in
+                              zip(rows, flags, seqs, begins, ends, strict=True)]  # fmt: skip
+                    merged.extend((r, f, s, p) for r, _, f, s, p in extra)
+                    merged.sort(key=lambda item: item[0])
+                    for _, f, s, p in merged:
+                        tcp(kind, key, f, s, p)
+                    continue
+                at = 0
+                while at < tail:
+                    tcp(kind, key, flags[at], seqs[at], buffer[begins[at] : ends[at]])
+                    at += 1
+                stream = self.streams.get(key)
+                while at < len(rows):
+                    if (stream is not None and stream.synced and not stream.pending
+                            and stream.next_seq == seqs[at]):  # fmt: skip
+                        self._joined(kind, stream, buffer, seqs, begins[at:], ends[at:])
+                        break
+                    tcp(kind, key, flags[at], seqs[at], buffer[begins[at] : ends[at]])
+                    stream = self.streams.get(key)
+                    at += 1
+        for key, items in dpkt_segments.items():
+            for _, kind, flags, seq, payload in items:
+                tcp(kind, key, flags, seq, payload)
+
+    def _joined(self, kind: str, stream: _Stream, buffer: bytes, seqs, begins, ends) -> None:
+        """Segments that continue a synced stream back to back, at once."""
+        stream.next_seq = (seqs[-1] + ends[-1] - begins[-1]) & 0xFFFFFFFF
+        if kind == "pickle":
+            parts = [stream.buffer]
+            parts.extend(buffer[b:e] for b, e in zip(begins, ends, strict=True))
+            data = b"".join(parts)
+            stream.buffer, broken_at = self._pickle_frames(stream, data)
+            if broken_at is not None:
+                # segment() would have counted each later segment as seen from its middle
+                offset, later = len(parts[0]), 0
+                for b, e in zip(begins, ends, strict=True):
+                    later += offset >= broken_at
+                    offset += e - b
+                if later:
+                    self.stats.skipped["pickle connections seen from their middle"] += later
+            return
+        last = len(begins) - 1
+        while last >= 0:
+            cut = buffer.rfind(b"\n", begins[last], ends[last]) + 1
+            if cut:
+                break
+            last -= 1
+        if last < 0:
+            parts = [stream.buffer]
+            parts.extend(buffer[b:e] for b, e in zip(begins, ends, strict=True))
+            stream.buffer = b"".join(parts)
+            return
+        parts = [stream.buffer]
+        parts.extend(buffer[b:e] for b, e in zip(begins[:last], ends[:last], strict=True))
+        parts.append(buffer[begins[last] : cut])
+        self.chunks["line"].append(b"".join(parts))
+        rest = [buffer[cut : ends[last]]]
+        rest.extend(buffer[b:e] for b, e in zip(begins[last + 1 :], ends[last + 1 :],
+                                                 strict=True))  # fmt: skip
+        stream.buffer = b"".join(rest)
+
+    # ----- TCP reassembly, segment by segment
+
+    def tcp(self, kind: str, key: tuple, flags: int, seq: int, payload: bytes) -> None:
         streams = self.streams
         if flags & _SYN:
             streams[key] = _Stream((seq + 1) & 0xFFFFFFFF, True)
@@ -276,42 +508,117 @@ class Decoder:
             stream.buffer = self.pickle_frames(stream, data)
 
     def pickle_frames(self, stream: _Stream, data: bytes) -> bytes:
+        return self._pickle_frames(stream, data)[0]
+
+    def _pickle_frames(self, stream: _Stream, data: bytes) -> tuple[bytes, int | None]:
+        """The frames of data decoded; (what is left, None), or (b"", the end of the
+        malformed frame) when one was and the stream lost its frame boundaries."""
         if not stream.synced:
             self.stats.skipped["pickle connections seen from their middle"] += 1
-            return b""
-        offset = 0
-        while len(data) - offset >= 4:
-            length = int.from_bytes(data[offset : offset + 4], "big")
-            if len(data) - offset - 4 < length:
+            return b"", None
+        offset, size, now = 0, len(data), int(time.time())
+        while size - offset >= 4:
+            length = _FRAME_LENGTH(data, offset)[0]
+            if size - offset - 4 < length:
                 break
             frame = data[offset + 4 : offset + 4 + length]
             offset += 4 + length
             try:
-                text, _, invalid = relay_lines.decode_frame(frame, int(time.time()))
+                text, _, invalid = relay_lines.decode_frame(frame, now)
             except relay_lines.MalformedFrame:
                 self.stats.skipped["malformed pickle frames"] += 1
                 stream.synced = False
-                return b""
+                return b"", offset
             if invalid:
                 self.stats.skipped["invalid pickle points"] += invalid
             self.chunks["pickle"].append(text)
-        return data[offset:]
+        return data[offset:], None
 
     def names(self, protocol: str) -> list[bytes]:
         """The metric name of every point of a protocol (statsd: the text before ':')."""
         block = b"".join(self.chunks[protocol])
         if not block:
             return []
-        if protocol == "statsd":
-            return [line.split(b":", 1)[0] for line in block.split(b"\n") if line]
-        return [fields[0] for fields in map(bytes.split, block.split(b"\n")) if fields]
+        return reference_names(block, protocol == "statsd")
+
+    def counts(self, protocol: str) -> Counter[bytes]:
+        """Points per metric name of a protocol (what Counter(names()) would be)."""
+        return count_names(self.chunks[protocol], protocol == "statsd")
 
 
-def decode_capture(path: str, decoder: Decoder | None = None) -> Decoder:
+def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = False) -> Decoder:
+    """The capture decoded: a classic pcap in bulk (pcaprecords, Decoder.feed_batches),
+    pcapng record by record through dpkt's reader; with full_dpkt, every record
+    through dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
     decoder = decoder or Decoder()
-    linktype, records = open_capture(path, decoder.stats)
-    decoder.feed(linktype, records)
+    handle = _open(path)
+    header = None if full_dpkt else pcaprecords.file_header(handle)
+    if header is None:
+        handle.seek(0)
+        linktype, records = _dpkt_reader(path, handle, decoder.stats)
+        (decoder.feed_dpkt if full_dpkt else decoder.feed)(linktype, records)
+        return decoder
+    linktype, order, divisor = header
+    with handle:
+        decoder.feed_batches(
+            linktype, pcaprecords.batches(handle, order, divisor, decoder.stats.skipped)
+        )
     return decoder
+
+
+def _record_batches(records: Iterable[tuple[float, bytes]]) -> Iterator[pcaprecords.Batch]:
+    batch: list[tuple[float, bytes]] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == BATCH_RECORDS:
+            yield pcaprecords.Batch.of_frames(batch)
+            batch = []
+    if batch:
+        yield pcaprecords.Batch.of_frames(batch)
+
+
+def _flows(buffer, raw, rows, ip, ports, kinds, begins, ends) -> Iterator[tuple]:
+    """The bulk path's TCP segments per connection: (key, kind, rows, flags, seqs,
+    payload begins, payload ends, tail), each list in capture order; the segments
+    from `tail` on follow each other without a gap and carry no SYN, FIN or RST.
+    Segments without payload or any of those flags change nothing and are left out."""
+    flags = raw[ip + 33]
+    seqs = raw[ip + 24].astype(np.int64) << 24 | raw[ip + 25].astype(np.int64) << 16
+    seqs |= raw[ip + 26].astype(np.int64) << 8 | raw[ip + 27]
+    flagged = (flags & _CLOSING) != 0
+    keep = flagged | (ends > begins)
+    if not keep.all():
+        rows, ip, ports, kinds = rows[keep], ip[keep], ports[keep], kinds[keep]
+        begins, ends = begins[keep], ends[keep]
+        flags, seqs, flagged = flags[keep], seqs[keep], flagged[keep]
+    if not len(rows):
+        return
+    words = np.ndarray((len(raw) - 7,), "<u8", buffer, 0, (1,))
+    addresses = words[ip + 12]
+    order = np.lexsort((ports, addresses))  # stable: capture order within a connection
+    rows, ip, ports, kinds = rows[order], ip[order], ports[order], kinds[order]
+    begins, ends = begins[order], ends[order]
+    flags, seqs, flagged, addresses = flags[order], seqs[order], flagged[order], addresses[order]
+    count = len(rows)
+    first = np.ones(count, bool)
+    first[1:] = (addresses[1:] != addresses[:-1]) | (ports[1:] != ports[:-1])
+    follows = np.zeros(count, bool)
+    follows[1:] = seqs[1:] == (seqs[:-1] + (ends[:-1] - begins[:-1])) & 0xFFFFFFFF
+    breaks = np.flatnonzero(first | flagged | ~follows)
+    tail_from = np.where(flagged[breaks], breaks + 1, breaks)
+    flow_starts = np.flatnonzero(first)
+    flow_ends = np.append(flow_starts[1:], count)
+    last_break = np.searchsorted(breaks, flow_ends) - 1
+    tails = (tail_from[last_break] - flow_starts).tolist()
+    names = {1: "line", 2: "pickle"}
+    for start, end, tail in zip(flow_starts.tolist(), flow_ends.tolist(), tails, strict=True):
+        at = int(ip[start])
+        port_pair = int(ports[start])
+        key = (buffer[at + 12 : at + 16], port_pair >> 16, buffer[at + 16 : at + 20],
+               port_pair & 0xFFFF)  # fmt: skip
+        yield (key, names[int(kinds[start])], rows[start:end].tolist(),
+               flags[start:end].tolist(), seqs[start:end].tolist(),
+               begins[start:end].tolist(), ends[start:end].tolist(), tail)  # fmt: skip
 
 
 def capture(
@@ -362,8 +669,8 @@ def analyse(
     statsd: Counter[bytes] = Counter()
     per_protocol = {}
     for protocol in PROTOCOLS:
-        names = decoder.names(protocol)
-        per_protocol[protocol] = len(names)
+        names = decoder.counts(protocol)
+        per_protocol[protocol] = sum(names.values())
         (statsd if protocol == "statsd" else carbon).update(names)
     counts.update(carbon)
     counts.update(statsd)
@@ -372,7 +679,8 @@ def analyse(
         prefixes[_prefix(name, prefix_depth)] += count
 
     def ranked(counter: Counter, limit: int) -> list[list]:
-        items = counter.most_common(limit or None)
+        # Most points first; equal counts by name, whatever order the points came in.
+        items = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[: limit or None]
         return [[n.decode("utf-8", "replace"), c, c / span] for n, c in items]
 
     report = {
