@@ -167,7 +167,7 @@ def fill_snapshot(
 
     result = _fill_into(data, header, None, mode, dst, now, False, False, name, after)
     if result.status == COPIED:
-        answer[0] = _check_locked(dst, after)
+        return result, _check_locked(dst, after) or answer[0]
     return result, answer[0]
 
 
