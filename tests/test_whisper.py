@@ -537,9 +537,8 @@ def test_fill_snapshot_checks_dst_under_the_fills_lock(tmp_path):
     seen = []
 
     def check(current, current_header) -> str:
-        with open(dst, "rb") as other:
-            with pytest.raises(BlockingIOError):
-                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        with open(dst, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
         seen.append(bytes(current))
         found = W.verify_data(data, header, current, current_header, NOW, "m")
         return "" if found.ok else f"{found.missing} missing"
