@@ -10,7 +10,7 @@ each on a fresh copy of DST and after os.sync():
 
 - ours:      `carbonscale migrate sync` (the console script: start-up, plan, journal
              included) pulling from `carbonscale migrate serve` on 127.0.0.1 (the
-             HTTP service, HMAC-signed batches), staging, fill and per-file verify;
+             HTTP service, HMAC-signed batches), fill and per-file verify;
 - rsync:     `rsync -a --files-from` of the same files from an rsync daemon on
              127.0.0.1 into a staging directory: moving the bytes, no merge (the floor);
 - carbonate: carbonate.sync.run_batch, what carbon-sync runs per batch of 1,000:
@@ -246,9 +246,19 @@ def main() -> None:
         for label, rate in rates.items():
             print(f"{label:38s} {rate:9.1f} files/s")
         ours_rate = rates[f"carbonscale migrate sync -j{args.jobs}"]
+        rsync_rate, carbonate_rate = (
+            rates["rsync -a (daemon, no merge)"],
+            rates["carbonate carbon-sync"],
+        )
         print(
-            f"ours / carbonate: {ours_rate / rates['carbonate carbon-sync']:.1f}x (goal >= 20); "
-            f"ours / rsync: {ours_rate / rates['rsync -a (daemon, no merge)']:.2f}x (goal >= 0.5)"
+            f"ours / carbonate: {ours_rate / carbonate_rate:.1f}x (goal >= 20); "
+            f"ours / rsync: {ours_rate / rsync_rate:.2f}x (goal >= 0.5)"
+        )
+        # rsync only copies the bytes: when it is under 20x carbonate, the goal asks a
+        # sync that also merges and checks every point to outrun a plain copy.
+        print(
+            f"rsync / carbonate: {rsync_rate / carbonate_rate:.1f}x (20x carbonate is "
+            f"{20 * carbonate_rate:.1f} files/s, rsync moved {rsync_rate:.1f} files/s)"
         )
     finally:
         for proc in procs:

@@ -207,6 +207,32 @@ def test_fill_matches_the_oracle_and_the_twins_agree(tmp_path, src, dst, now_shi
     assert W.fill_file(src_path, dst_path, now).status == W.UNCHANGED
 
 
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(src=whisper_files(), dst=whisper_files(), now_shift=st.integers(-100, 200))
+def test_verify_twins_agree(tmp_path, src, dst, now_shift):
+    """The C count and verify_data_numpy: the same checked, missing, unchecked and
+    examples, before a fill (points missing) and after it (none)."""
+    if W._whisper is None:
+        pytest.skip("the C merge is not built")
+    now = NOW + now_shift
+    for name in ("s.wsp", "d.wsp"):
+        (tmp_path / name).unlink(missing_ok=True)
+    src_path = make(tmp_path / "s.wsp", src[0], src[3], src[1], src[2])
+    dst_path = make(tmp_path / "d.wsp", dst[0], dst[3], dst[1], dst[2])
+    for _ in ("before", "after"):
+        src_bytes, dst_bytes = Path(src_path).read_bytes(), Path(dst_path).read_bytes()
+        args = (src_bytes, W.parse_header(src_bytes), dst_bytes, W.parse_header(dst_bytes), now)
+        got, want = W.verify_data(*args, "m"), W.verify_data_numpy(*args, "m")
+        fields = ("checked", "missing", "unchecked", "examples", "error")
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        W.fill_file(src_path, dst_path, now)
+    assert got.missing == 0
+
+
 # ----- explicit cases -------------------------------------------------------------
 
 SCHEMA = [(60, 60), (300, 48), (3600, 24)]
@@ -498,6 +524,38 @@ def test_verify_counts_missing_points(tmp_path):
     W.fill_file(src, dst, NOW)
     result = W.verify_file(src, dst, NOW)
     assert result.ok and result.checked >= 20
+
+
+def test_fill_snapshot_checks_dst_under_the_fills_lock(tmp_path):
+    """A snapshot in memory fills DST by fill_file's rules; its check runs while DST
+    is still locked (a carbon writer's LOCK_EX would wait) and sees the filled bytes.
+    A missing DST is linked into place with the given mode and checked as it is."""
+    src = make(tmp_path / "s.wsp", SCHEMA, [(NOW - i * 60, float(i)) for i in range(30)])
+    dst = make(tmp_path / "d.wsp", SCHEMA, [(NOW - i * 60, 7.0) for i in range(5)])
+    data = Path(src).read_bytes()
+    header = W.parse_header(data)
+    seen = []
+
+    def check(current, current_header) -> str:
+        with open(dst, "rb") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        seen.append(bytes(current))
+        found = W.verify_data(data, header, current, current_header, NOW, "m")
+        return "" if found.ok else f"{found.missing} missing"
+
+    before = fetch_archives(dst, NOW)
+    result, problem = W.fill_snapshot(data, header, dst, NOW, "m", 0o640, check)
+    assert (result.status, problem) == (W.FILLED, "")
+    assert seen == [Path(dst).read_bytes()]
+    after = fetch_archives(dst, NOW)
+    assert all(after[0][t] == v for t, v in before[0].items())  # DST's points kept
+    assert after[0][NOW - NOW % 60 - 29 * 60] == 29.0  # SRC's history filled in
+
+    missing = str(tmp_path / "new" / "m.wsp")
+    result, problem = W.fill_snapshot(data, header, missing, NOW, "m", 0o640, lambda c, h: "no")
+    assert (result.status, problem) == (W.COPIED, "no")  # the check ran on the copy
+    assert Path(missing).read_bytes() == data
+    assert os.stat(missing).st_mode & 0o777 == 0o640
 
 
 # ----- trees and the CLI --------------------------------------------------------------

@@ -1,14 +1,16 @@
 /*
- * carbonscale._whisper: the merge of carbonscale.whisper's fill in C.
+ * carbonscale._whisper: the merge of carbonscale.whisper's fill, and its verify, in C.
  *
  * plan(src: bytes, dst: bytes, now: int) -> (points: int, writes: list[(offset, bytes)])
  * fill(src: bytes, dst: bytes, now: int, fd: int) -> points: int
+ * verify(src: bytes, dst: bytes, now: int) -> (checked, missing, unchecked, examples)
  *
  * Both buffers must be whole whisper files whose headers carbonscale.whisper
  * .parse_header accepted (this code re-reads the header but trusts it). The
  * rules are those of the docstring of carbonscale/whisper/__init__.py; the numpy
  * implementation (plan_fill_numpy in whisper/merge.py) is the reference twin, and the tests
- * check that both return exactly the same writes. `fill` is what a fill runs:
+ * check that both return exactly the same writes (and `verify` the same counts as
+ * verify_data_numpy in whisper/verification.py). `fill` is what a fill runs:
  * the same merge, its runs written to fd with pwrite (not handed to Python as
  * bytes objects: allocating those cost as much as the merge). The GIL is
  * released while merging and writing, so --jobs runs files on threads.
@@ -593,11 +595,117 @@ whisper_fill(PyObject *Py_UNUSED(self), PyObject *args)
 	return result;
 }
 
+/* Is row r (interval start + r*step) of the line a point? */
+static inline int
+line_known(const line_t *line, int64_t r)
+{
+	if (line->first < 0)
+		return 0;
+	int64_t slot = line->first + r;
+	if (slot >= line->n)
+		slot -= line->n;
+	return (int64_t)be32(line->slots + slot * POINT) == line->start + r * line->step;
+}
+
+#define MISSING_EXAMPLES 5
+
+typedef struct {
+	int64_t checked, missing, unchecked;
+	int nexamples;
+	int64_t examples[MISSING_EXAMPLES];
+} verified_t;
+
+/* verify_data's count (carbonscale/whisper/verification.py, its numpy twin):
+ * every SRC point in a DST archive of the same step must be a DST point; SRC
+ * points at a step DST lacks are unchecked when younger than DST's retention. */
+static void
+verify_points(const unsigned char *src, const header_t *sh, const unsigned char *dst,
+	      const header_t *dh, int64_t now, verified_t *out)
+{
+	int64_t retention = 0;
+	for (int d = 0; d < dh->count; d++)
+		if (dh->archives[d].step * dh->archives[d].points > retention)
+			retention = dh->archives[d].step * dh->archives[d].points;
+	int64_t oldest = now - retention;
+	for (int s = 0; s < sh->count; s++) {
+		const archive_t *sa = &sh->archives[s], *target = NULL;
+		line_t line, other;
+		open_line(src, sa, now, &line);
+		for (int d = 0; d < dh->count; d++)
+			if (dh->archives[d].step == sa->step)
+				target = &dh->archives[d];
+		if (!target) {
+			for (int64_t r = 0; r < line.n; r++)
+				if (line.start + r * line.step > oldest && line_known(&line, r))
+					out->unchecked++;
+			continue;
+		}
+		open_line(dst, target, now, &other);
+		int64_t shift = floor_div(other.start - line.start, line.step);
+		int64_t lo = shift > 0 ? shift : 0;
+		int64_t hi = shift + other.n < line.n ? shift + other.n : line.n;
+		for (int64_t r = lo; r < hi; r++) {
+			if (!line_known(&line, r))
+				continue;
+			out->checked++;
+			if (line_known(&other, r - shift))
+				continue;
+			out->missing++;
+			if (out->nexamples < MISSING_EXAMPLES)
+				out->examples[out->nexamples++] = line.start + r * line.step;
+		}
+	}
+}
+
+static PyObject *
+whisper_verify(PyObject *Py_UNUSED(self), PyObject *args)
+{
+	Py_buffer src, dst;
+	long long now;
+	if (!PyArg_ParseTuple(args, "y*y*L", &src, &dst, &now))
+		return NULL;
+	PyObject *result = NULL;
+	header_t *sh = malloc(sizeof(header_t)), *dh = malloc(sizeof(header_t));
+	verified_t found = {0};
+	if (!sh || !dh) {
+		PyErr_NoMemory();
+		goto out;
+	}
+	if (read_header(src.buf, src.len, sh) || read_header(dst.buf, dst.len, dh)) {
+		PyErr_SetString(PyExc_ValueError, "not a whisper file carbonscale.whisper accepted");
+		goto out;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	verify_points(src.buf, sh, dst.buf, dh, (int64_t)now, &found);
+	Py_END_ALLOW_THREADS
+	PyObject *examples = PyList_New(found.nexamples);
+	if (!examples)
+		goto out;
+	for (int i = 0; i < found.nexamples; i++) {
+		PyObject *t = PyLong_FromLongLong((long long)found.examples[i]);
+		if (!t) {
+			Py_DECREF(examples);
+			goto out;
+		}
+		PyList_SET_ITEM(examples, i, t);
+	}
+	result = Py_BuildValue("LLLN", (long long)found.checked, (long long)found.missing,
+			       (long long)found.unchecked, examples);
+out:
+	free(sh);
+	free(dh);
+	PyBuffer_Release(&src);
+	PyBuffer_Release(&dst);
+	return result;
+}
+
 static PyMethodDef whisper_methods[] = {
 	{"plan", whisper_plan, METH_VARARGS,
 	 "plan(src, dst, now) -> (points, [(offset, bytes), ...]): the writes of a fill."},
 	{"fill", whisper_fill, METH_VARARGS,
 	 "fill(src, dst, now, fd) -> points: the fill, written to fd (-1: counted only)."},
+	{"verify", whisper_verify, METH_VARARGS,
+	 "verify(src, dst, now) -> (checked, missing, unchecked, [first missing times])."},
 	{NULL, NULL, 0, NULL},
 };
 

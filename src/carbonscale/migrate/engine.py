@@ -2,10 +2,13 @@
 
 `sync` runs on a destination: for every (metric, source host) of the plan that
 concerns it, pull the source's snapshot over the file service (batches, `jobs`
-at once), stage it under `<root>/.staging`, fill it into the live file with
-`carbonscale.whisper.fill_file` (under carbon's lock; a missing file is linked
-into place) and check with `verify_data` that every staged point is now there;
-only then is the item marked done. `verify` does the same check later against
+at once) into memory, fill it into the live file with
+`carbonscale.whisper.fill_snapshot` (fill's rules, under carbon's lock; a
+missing file is linked into place) and, still under that lock, check with
+`verify_data` that every point of the snapshot is now there; only then is the
+item marked done. (The snapshot is staged in memory, not in a file: a staged
+file was written, read back and deleted once per metric, and a killed run
+never used one again.) `verify` does the same check later against
 a fresh snapshot (an old owner's carbon-cache may have written more since); a
 miss reopens the sync item. `cleanup` runs on a host holding copies it no
 longer owns: it pulls each owner's file, verifies its own copy against every
@@ -13,13 +16,11 @@ one of them under flock(LOCK_EX), and only then moves the copy to
 `<root>/.quarantine/<plan id>/`; `purge` deletes that directory.
 
 Every step is idempotent and resumable: the journal says what is done, a fill
-never changes a point already present, and staging and quarantine moves are
-renames.
+never changes a point already present, and quarantine moves are renames.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import queue
@@ -43,13 +44,14 @@ from carbonscale.progress import Progress
 from carbonscale.whisper import (
     SKIPPED,
     CorruptWhisper,
-    fill_file,
+    Header,
+    VerifyResult,
+    fill_snapshot,
     parse_header,
     read_whisper,
     verify_data,
 )
 
-STAGING = ".staging"
 DEFAULT_BATCH = 200
 
 
@@ -241,14 +243,6 @@ def sync_items(plan: PlanFile, host: str) -> tuple[list[tuple[str, str]], dict[s
     return items, sizes
 
 
-def _write_staged(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.part"
-    with open(tmp, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
-
-
 def _check_points(data: bytes, live: str, now: int, metric: str) -> str:
     """'' when every point of `data` within the live file's retention is in it."""
     try:
@@ -261,13 +255,25 @@ def _check_points(data: bytes, live: str, now: int, metric: str) -> str:
         return "missing on this host"
     except (OSError, CorruptWhisper) as exc:
         return f"cannot read {live}: {exc}"
-    found = verify_data(data, header, current, current_header, now, metric)
+    return _missing(verify_data(data, header, current, current_header, now, metric))
+
+
+def _missing(found: VerifyResult) -> str:
+    """'' when the check found every point, else what it missed."""
     if found.error:
         return found.error
     if found.missing:
         examples = ", ".join(map(str, found.examples))
         return f"{found.missing} of {found.checked} points missing (e.g. {examples})"
     return ""
+
+
+def _new_file_mode() -> int:
+    """The mode of a file this process creates (0666 less the umask): a missing live
+    file is linked into place with it, as carbon would have created it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def sync(ctx: Context, now: int | None = None) -> StepResult:
@@ -278,35 +284,33 @@ def sync(ctx: Context, now: int | None = None) -> StepResult:
     todo = ctx.journal.open_items(plan_id, "sync")
     result.items = len(todo)
     needed = sum(sizes.get(m, 0) for m in {m for m, _ in todo} if not os.path.exists(ctx.live(m)))
-    needed += ctx.jobs * max(sizes.values(), default=0)  # staged copies in flight
+    needed += ctx.jobs * max(sizes.values(), default=0)  # new files' temporary copies in flight
     free = free_bytes(ctx.root)
     if needed > free:
         raise CarbonscaleError(
             f"host {ctx.host}: the plan needs {needed} bytes on {ctx.root}'s filesystem, "
             f"it has {free} free; nothing was moved"
         )
-    staging = os.path.join(ctx.root, STAGING)
+    mode = _new_file_mode()
 
     def one(peer: str) -> Callable:
         def each(metric: str, data: bytes | None, reason: str) -> tuple[str, str, str, str]:
             if data is None:
                 return metric, peer, FAILED, f"source {peer}: {reason}"
             at = int(time.time()) if now is None else now
-            staged = os.path.join(staging, peer, metric_path(metric))
             try:
-                _write_staged(staged, data)
-            except OSError as exc:
-                return metric, peer, FAILED, f"cannot stage: {exc.strerror}"
-            try:
-                filled = fill_file(staged, ctx.live(metric), at, name=metric)
-                if filled.status == SKIPPED:
-                    return metric, peer, FAILED, f"source {peer}: {filled.reason}"
-                problem = _check_points(data, ctx.live(metric), at, metric)
-                if problem:
-                    return metric, peer, FAILED, f"verify after fill: {problem}"
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
+                header = parse_header(data)
+            except CorruptWhisper as exc:
+                return metric, peer, FAILED, f"source {peer}: corrupt SRC: {exc}"
+
+            def check(current: bytes, current_header: Header) -> str:
+                return _missing(verify_data(data, header, current, current_header, at, metric))
+
+            filled, problem = fill_snapshot(data, header, ctx.live(metric), at, metric, mode, check)
+            if filled.status == SKIPPED:
+                return metric, peer, FAILED, f"source {peer}: {filled.reason}"
+            if problem:
+                return metric, peer, FAILED, f"verify after fill: {problem}"
             with result.lock:
                 result.files += 1
                 result.points += filled.points

@@ -206,19 +206,75 @@ def free_bytes(root: str) -> int:
     return info.f_bavail * info.f_frsize
 
 
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class TreeOpener:
+    """Opens files below one root, refusing every symlink below it: each directory
+    is opened with O_NOFOLLOW relative to its parent's descriptor (openat), so what
+    is checked is what is opened (no check-then-open race, no path walked twice).
+    The last directory stays open for the next file: a batch's files share their
+    directories. Use as a context manager; `open` raises OSError (EACCES for a
+    path refused or leaving the root through a symlink)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.directory: tuple[str, int] | None = None
+
+    def __enter__(self) -> TreeOpener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.directory is not None:
+            os.close(self.directory[1])
+            self.directory = None
+
+    def _open_directory(self, relative_dir: str) -> int:
+        if self.directory is not None and self.directory[0] == relative_dir:
+            return self.directory[1]
+        self.close()
+        fd = os.open(self.root, _DIRECTORY)  # the root itself may be a symlink
+        try:
+            for part in relative_dir.split("/") if relative_dir else ():
+                try:
+                    inner = os.open(part, _DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    # O_NOFOLLOW | O_DIRECTORY on a symlink: ENOTDIR (ELOOP elsewhere)
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
+                        os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+                    ):
+                        raise OSError(
+                            errno.EACCES, "path leaves the whisper root through a symlink"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        self.directory = (relative_dir, fd)
+        return fd
+
+    def open(self, relative: str) -> int:
+        """An fd of root/relative (a regular file, no symlink on the way)."""
+        if safe_relative(relative) is None:
+            raise OSError(errno.EACCES, "path refused")
+        relative_dir, _, name = relative.rpartition("/")
+        fd = os.open(name, _FILE, dir_fd=self._open_directory(relative_dir))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EACCES, "not a regular file")
+        return fd
+
+
 def open_in_root(root: str, relative: str) -> int:
     """An fd of root/relative, refusing anything outside the root (OSError EACCES)."""
-    if safe_relative(relative) is None:
-        raise OSError(errno.EACCES, "path refused")
-    real_root = os.path.realpath(root)
-    full = os.path.join(real_root, relative)
-    if os.path.realpath(os.path.dirname(full)) != os.path.dirname(full):
-        raise OSError(errno.EACCES, "path leaves the whisper root through a symlink")
-    fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EACCES, "not a regular file")
-    return fd
+    with TreeOpener(root) as opener:
+        return opener.open(relative)
 
 
 def read_all(fd: int) -> bytes:
@@ -345,9 +401,10 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         out = self.connection
-        for relative in paths:
-            if relative:
-                self._stream_file(out, relative)
+        with TreeOpener(self.server.root) as opener:
+            for relative in paths:
+                if relative:
+                    self._stream_file(out, opener, relative)
         out.sendall(b"END\n")
 
     def _quarantined(self, relative: str) -> int:
@@ -365,11 +422,11 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
                 continue
         raise FileNotFoundError(errno.ENOENT, "no such file")
 
-    def _stream_file(self, out: socket.socket, relative: str) -> None:
+    def _stream_file(self, out: socket.socket, opener: TreeOpener, relative: str) -> None:
         name = relative.encode("utf-8", "surrogateescape")
         try:
             try:
-                fd = open_in_root(self.server.root, relative)
+                fd = opener.open(relative)
             except FileNotFoundError:
                 fd = self._quarantined(relative)
         except OSError as exc:

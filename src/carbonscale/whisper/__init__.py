@@ -62,6 +62,7 @@ from carbonscale.whisper.files import (
     UNCHANGED,
     FillResult,
     fill_file,
+    fill_snapshot,
     read_whisper,
 )
 from carbonscale.whisper.header import (
@@ -104,6 +105,7 @@ from carbonscale.whisper.verification import (
     MISSING_EXAMPLES,
     VerifyResult,
     verify_data,
+    verify_data_numpy,
     verify_file,
 )
 
@@ -136,6 +138,7 @@ __all__ = [
     "fill",
     "fill_data",
     "fill_file",
+    "fill_snapshot",
     "parse_header",
     "patch_writes",
     "plan_fill_numpy",
@@ -145,6 +148,7 @@ __all__ = [
     "run_jobs",
     "verify",
     "verify_data",
+    "verify_data_numpy",
     "verify_file",
     "whisper_files",
     "window_start",

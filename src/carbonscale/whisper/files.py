@@ -12,6 +12,13 @@ from collections import namedtuple
 from carbonscale.whisper.header import CorruptWhisper, Header, parse_header
 from carbonscale.whisper.merge import fill_data
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    # What runs on DST's bytes and header right after a fill, under the same lock.
+    After = Callable[[mmap.mmap | bytes, Header], None]
+
 # Map every page at once (Linux): faulting them in one by one costs more than the read.
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -107,8 +114,8 @@ def fill_file(
     SRC is read under flock(LOCK_SH), held until DST is written: the merge reads
     SRC's mapped pages, so they must not change meanwhile. (Two fills running at
     once in opposite directions over the same two files would each hold the
-    lock the other waits for; a migration fills from a staging copy, never
-    back.)"""
+    lock the other waits for; a migration fills from a snapshot in memory
+    (fill_snapshot), never back.)"""
     name = name or dst
     now = int(time.time()) if now is None else int(now)
     try:
@@ -127,23 +134,78 @@ def fill_file(
             header = parse_header(data)
         except CorruptWhisper as exc:
             return FillResult(name, SKIPPED, reason=f"corrupt SRC {src}: {exc}")
-        return _fill_into(data, header, source, dst, now, dry_run, move_corrupt, name)
+        identity = (source.st_dev, source.st_ino)
+        return _fill_into(
+            data, header, identity, source.st_mode, dst, now, dry_run, move_corrupt, name
+        )
     finally:
         _unmap(data)
         os.close(fd)  # releases SRC's lock
 
 
+def fill_snapshot(
+    data: bytes,
+    header: Header,
+    dst: str,
+    now: int,
+    name: str,
+    mode: int,
+    check: Callable[[mmap.mmap | bytes, Header], str],
+) -> tuple[FillResult, str]:
+    """Fill DST from `data`, a snapshot of SRC already in memory (what a migration
+    pulled from a source host), by fill_file's rules; then `check(DST's bytes, DST's
+    header)` while DST is still locked, right after the writes: no carbon write can
+    land between the fill and its check. A missing DST is linked into place (`mode`)
+    and checked under flock(LOCK_SH) as it is then.
+
+    (FillResult, the check's answer: '' when it passed); the check does not run
+    (answer '') when the fill was skipped."""
+    answer = [""]
+
+    def after(current: mmap.mmap | bytes, current_header: Header) -> None:
+        answer[0] = check(current, current_header)
+
+    result = _fill_into(data, header, None, mode, dst, now, False, False, name, after)
+    if result.status == COPIED:
+        return result, _check_locked(dst, after) or answer[0]
+    return result, answer[0]
+
+
+def _check_locked(path: str, after: After) -> str:
+    """after(bytes, header) of `path` under flock(LOCK_SH); '' or why it cannot run."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    current: mmap.mmap | bytes = b""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        current = _map_locked(fd)
+        after(current, parse_header(current))
+        return ""
+    except CorruptWhisper as exc:
+        return f"{path} is corrupt after the copy: {exc}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    finally:
+        _unmap(current)
+        os.close(fd)
+
+
 def _fill_into(
     data: mmap.mmap | bytes,
     header: Header,
-    source: os.stat_result,
+    identity: tuple[int, int] | None,
+    mode: int,
     dst: str,
     now: int,
     dry_run: bool,
     move_corrupt: bool,
     name: str,
+    after: After | None = None,
 ) -> FillResult:
-    mode = source.st_mode
+    """Fill DST from SRC's `data`; `identity`: SRC's (st_dev, st_ino), None when SRC
+    is no file (a snapshot in memory)."""
     for _attempt in range(3):
         try:
             fd = os.open(dst, os.O_RDONLY if dry_run else os.O_RDWR)
@@ -160,10 +222,10 @@ def _fill_into(
             return FillResult(name, SKIPPED, reason=f"cannot open DST {dst}: {exc.strerror}")
         try:
             target = os.fstat(fd)
-            if (target.st_dev, target.st_ino) == (source.st_dev, source.st_ino):
+            if (target.st_dev, target.st_ino) == identity:
                 # a hard link in the trees; locking it twice would wait forever
                 return FillResult(name, SKIPPED, reason=f"SRC and DST {dst} are the same file")
-            return _fill_open(fd, data, header, dst, now, dry_run, move_corrupt, mode, name)
+            return _fill_open(fd, data, header, dst, now, dry_run, move_corrupt, mode, name, after)
         except OSError as exc:
             return FillResult(name, SKIPPED, reason=f"cannot write DST {dst}: {exc.strerror}")
         finally:
@@ -181,6 +243,7 @@ def _fill_open(
     move_corrupt: bool,
     mode: int,
     name: str,
+    after: After | None = None,
 ) -> FillResult:
     fcntl.flock(fd, fcntl.LOCK_SH if dry_run else fcntl.LOCK_EX)
     current = b""
@@ -205,6 +268,9 @@ def _fill_open(
                     )
             return FillResult(name, REPLACED, reason=str(exc))
         points = fill_data(data, header, current, dst_header, now, None if dry_run else fd)
+        if after is not None:
+            # The map is MAP_SHARED: it reads the page cache the fill's pwrite changed.
+            after(current, dst_header)
         return FillResult(name, FILLED if points else UNCHANGED, points)
     finally:
         _unmap(current)
