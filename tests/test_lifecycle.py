@@ -180,9 +180,11 @@ class _CarbonLink(socketserver.BaseRequestHandler):
         cache = self.server.cache
         answer = {m: list(cache.get(m, {}).items()) for m in request["metrics"]}
         self.server.asked.append(len(request["metrics"]))
+        # Cleared before the answer goes out: the client's next step (a new
+        # query, or the test flipping drain_after_one) never races this thread.
+        cache.clear() if self.server.drain_after_one else None
         data = pickle.dumps({"datapointsByMetric": answer}, protocol=2)
         self.request.sendall(struct.pack("!L", len(data)) + data)
-        cache.clear() if self.server.drain_after_one else None
 
 
 @pytest.fixture

@@ -141,12 +141,29 @@ STUCK_IN_C = textwrap.dedent(
 )
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def wait_until_burning_cpu(pid: int, seconds: float = 0.3, timeout: float = 30) -> None:
+    """Until the child has spent `seconds` of CPU after "ready": only the C loop
+    burns CPU, so by then it is inside it. A signal sent between "ready" and the
+    loop (a loaded machine can preempt the child there) would run the Python
+    handler and write the end marker this test says is missing."""
+    start, deadline = cpu_seconds(pid), time.monotonic() + timeout
+    while cpu_seconds(pid) - start < seconds:
+        assert time.monotonic() < deadline, "the child never entered its C loop"
+        time.sleep(0.05)
+
+
 def test_a_main_thread_stuck_in_c_still_dumps_without_the_end_marker():
     proc = subprocess.Popen([sys.executable, "-c", STUCK_IN_C], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert proc.stdout.readline() == "ready\n"
         stderr = StderrLines(proc.stderr)
+        wait_until_burning_cpu(proc.pid)
         os.kill(proc.pid, SIGNAL)
         start = time.monotonic()
         lines, complete = collect_dump(stderr, timeout=10, quiet=1.0)
