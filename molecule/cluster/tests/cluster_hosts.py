@@ -71,6 +71,17 @@ def setting(cluster: Cluster, host: str, role: str, name: str):
     return found[name] if name in found else role_default(role, name)
 
 
+def whisper_paths(cluster: Cluster, host: str, under: str = "", newer_than: float | None = None):
+    """Paths of the whisper files on host, relative to its whisper dir: those
+    under `under` (a dir relative to it), modified after `newer_than` (Unix time)
+    if given. Empty when the dir does not exist."""
+    root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir").rstrip("/")
+    newer = f" -newermt @{int(newer_than)}" if newer_than is not None else ""
+    top = f"{root}/{under}".rstrip("/")
+    out = cluster.host(host).run(f"find {top} -name '*.wsp'{newer} -printf '%p\\n' 2>/dev/null")
+    return {line[len(root) + 1 :] for line in out.stdout.splitlines() if line.endswith(".wsp")}
+
+
 def wait_for(predicate, timeout: float, step: float = 0.2):
     """predicate()'s first true value within timeout seconds, else its last value."""
     deadline = time.monotonic() + timeout

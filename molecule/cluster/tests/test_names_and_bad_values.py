@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from carbon.util import TaggedSeries
-from cluster_hosts import owners_by_member, setting, tracebacks_since, wait_for
+from cluster_hosts import owners_by_member, setting, tracebacks_since, wait_for, whisper_paths
 from whisper_points import newest_values, points_on_disk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
@@ -68,13 +68,6 @@ def send_tcp(address: tuple[str, int], data: bytes) -> None:
         sock.settimeout(30)
         while sock.recv(65536):
             pass
-
-
-def whisper_files(cluster, host: str, top: str) -> set[str]:
-    """Paths of the whisper files under root/top on host, relative to root."""
-    root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-    out = cluster.host(host).run(f"find {root}/{top} -name '*.wsp' -printf '%P\\n' 2>/dev/null")
-    return {f"{top}/{line}" for line in out.stdout.splitlines() if line}
 
 
 def remove_files(cluster, paths_by_host: dict[str, set[str]]) -> None:
@@ -152,12 +145,11 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
     storage = cluster.group("storage")
     stored = {}
     for host in storage:
-        root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-        out = cluster.host(host).run(
-            f"find {root} -name '*.wsp' -newermt @{stamp - 1} -printf '%P\\n'"
-            f" | grep -E 'bad{stamp}|^_tagged/'"
-        )
-        files = {line for line in out.stdout.splitlines() if line}
+        files = {
+            path
+            for path in whisper_paths(cluster, host, newer_than=stamp - 1)
+            if f"bad{stamp}" in path or path.startswith("_tagged/")
+        }
         if files:
             stored[host] = files
     tracebacks = tracebacks_since(cluster, stamp)
@@ -248,7 +240,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
     def found() -> dict[str, set[str]]:
         where: dict[str, set[str]] = {}
         for host in storage:
-            for path in whisper_files(cluster, host, top) | whisper_files(cluster, host, "_tagged"):
+            for path in whisper_paths(cluster, host, top) | whisper_paths(cluster, host, "_tagged"):
                 if path.startswith(top) or path in expected:
                     where.setdefault(path, set()).add(host)
         return where

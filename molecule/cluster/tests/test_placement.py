@@ -20,7 +20,7 @@ import os
 import time
 
 import pytest
-from cluster_hosts import Cluster, owners_by_member
+from cluster_hosts import Cluster, owners_by_member, whisper_paths
 
 METRICS = 1000
 
@@ -58,7 +58,6 @@ def deployed(cluster: Cluster, group: str, package: str) -> tuple[bool, str]:
     return True, ""
 
 
-WHISPER_DIR = "/var/lib/graphite/whisper"  # carbon_storage_whisper_dir's default
 RELAY_CONFIG = "/etc/carbon-c-relay.conf"
 CARBONSCALE = "/usr/local/bin/carbonscale"
 
@@ -78,13 +77,9 @@ def front_door(cluster: Cluster) -> tuple[str, str]:
 
 def whisper_names(cluster: Cluster, host: str, prefix: str) -> set[str]:
     """Metric names under prefix that have a whisper file on host."""
-    root = cluster.vars(host).get("carbon_storage_whisper_dir", WHISPER_DIR)
-    top = f"{root}/{prefix.rstrip('.').replace('.', '/')}"
-    found = cluster.host(host).run(f"find {top} -name '*.wsp' -printf '%P\\n' 2>/dev/null")
     return {
-        prefix + line[: -len(".wsp")].replace("/", ".")
-        for line in found.stdout.splitlines()
-        if line.endswith(".wsp")
+        path[: -len(".wsp")].replace("/", ".")
+        for path in whisper_paths(cluster, host, prefix.rstrip(".").replace(".", "/"))
     }
 
 
