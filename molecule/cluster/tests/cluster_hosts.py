@@ -71,6 +71,18 @@ def setting(cluster: Cluster, host: str, role: str, name: str):
     return found[name] if name in found else role_default(role, name)
 
 
+def vip(cluster: Cluster) -> str | None:
+    """The directors' first VIP; None where the inventory has no LVS tier."""
+    relays = cluster.group("relays")
+    vips = (cluster.vars(relays[0]).get("lvs_vips") or []) if relays else []
+    return vips[0] if vips and cluster.group("lvs") else None
+
+
+def front_door(cluster: Cluster, port: int) -> tuple[str, int]:
+    """Where senders send: the VIP (the LVS tier), else the first relay."""
+    return vip(cluster) or cluster.address(cluster.group("relays")[0]), port
+
+
 def whisper_paths(cluster: Cluster, host: str, under: str = "", newer_than: float | None = None):
     """Paths of the whisper files on host, relative to its whisper dir: those
     under `under` (a dir relative to it), modified after `newer_than` (Unix time)

@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 from carbon.util import TaggedSeries
-from cluster_hosts import owners_by_member, setting, tracebacks_since, wait_for, whisper_paths
+from cluster_hosts import (
+    front_door,
+    owners_by_member,
+    setting,
+    tracebacks_since,
+    wait_for,
+    whisper_paths,
+)
 from whisper_points import newest_values, points_on_disk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
@@ -48,15 +55,6 @@ NAMES = 10_000
 # how long the checks wait for files, and for the relays' counters (sent every
 # carbon_relay_statistics_interval, 10 s here) to reach whisper.
 PATIENCE = 150
-
-
-def door(cluster, port: int) -> tuple[str, int]:
-    """The VIP (the LVS tier), or the first relay where there are no directors."""
-    relay = cluster.group("relays")[0]
-    vips = cluster.vars(relay).get("lvs_vips") or []
-    if vips and cluster.group("lvs"):
-        return vips[0], port
-    return cluster.address(relay), port
 
 
 def send_tcp(address: tuple[str, int], data: bytes) -> None:
@@ -123,11 +121,11 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
         setting(cluster, cluster.group("relays")[0], "statsd_relay", "statsd_relay_stats_interval")
     )
 
-    send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in bad))
-    send_tcp(door(cluster, 2004), struct.pack("!L", len(payload)) + payload)
+    send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in bad))
+    send_tcp(front_door(cluster, 2004), struct.pack("!L", len(payload)) + payload)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for datagram in statsd:
-            udp.sendto(datagram, door(cluster, 8125))
+            udp.sendto(datagram, front_door(cluster, 8125))
 
     counted = wait_for(
         lambda: (
@@ -250,7 +248,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
         return all(expected[path] <= now.get(path, set()) for path in expected)
 
     try:
-        send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in lines))
+        send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in lines))
         done = wait_for(complete, PATIENCE / 2, step=5)
         resent = 0
         if not done:
@@ -259,7 +257,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
             now = found()
             missing = [line_of[p] for p in expected if not expected[p] <= now.get(p, set())]
             resent = len(missing)
-            send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in missing))
+            send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in missing))
             wait_for(complete, PATIENCE, step=5)
         where = found()
         tracebacks = tracebacks_since(cluster, stamp)
