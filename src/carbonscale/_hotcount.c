@@ -311,11 +311,65 @@ count_line(CountsObject *self, const char *p, const char *end, int queue)
     return queue ? queue_name(self, p, q - p, 1) : count_name(self, p, q - p, 1);
 }
 
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* Bit 7 of each byte of w below 0x21 (bytes >= 0x80 never); exact up to the
+ * lowest flagged byte, which is all the callers look at. */
+static inline uint64_t
+below_0x21(uint64_t w)
+{
+    return (w - 0x21 * ONES) & ~w & HIGHS;
+}
+
+static inline uint64_t
+equal_to(uint64_t w, unsigned char c)
+{
+    uint64_t x = w ^ (c * ONES);
+    return (x - ONES) & ~x & HIGHS;
+}
+
+/* The end of the name starting at p: the first byte that is ':' or '\n'
+ * (statsd), or at most 0x20 (line protocol), read eight bytes at a time. */
+static inline const char *
+name_end(const char *p, const char *end, int statsd)
+{
+    while (end - p >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        uint64_t m = statsd ? (equal_to(w, ':') | equal_to(w, '\n')) : below_0x21(w);
+        if (m)
+            return p + (__builtin_ctzll(m) >> 3);
+        p += 8;
+    }
+    if (statsd) {
+        while (p < end && *p != ':' && *p != '\n')
+            p++;
+    }
+    else {
+        while (p < end && (unsigned char)*p > 0x20)
+            p++;
+    }
+    return p;
+}
+
 static int
 count_text(CountsObject *self, const char *p, Py_ssize_t n)
 {
     const char *end = p + n;
     while (p < end) {
+        /* The common line: a name from its first byte to a space, '\n' or (statsd)
+         * ':'; anything else (leading whitespace, a control byte) line by line. */
+        const char *q = name_end(p, end, self->statsd);
+        int plain = q > p && (q == end || *q == '\n' || *q == ' ' || *q == ':');
+        if (plain && (self->statsd || *q != ':')) {
+            if (queue_name(self, p, q - p, 1) < 0)
+                return -1;
+            if (q < end && *q != '\n')
+                q = memchr(q, '\n', (size_t)(end - q));
+            p = (q == NULL || q == end) ? end : q + 1;
+            continue;
+        }
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         const char *line_end = nl ? nl : end;
         if (count_line(self, p, line_end, 1) < 0)
@@ -1250,15 +1304,22 @@ fast_entry(CountsObject *self, const unsigned char **pp, const unsigned char *en
         name = (const char *)p;
         len = (Py_ssize_t)k;
         p += k;
-        unsigned char high = 0;
-        name_ok = len > 0 && len <= max_name;
-        for (Py_ssize_t i = 0; i < len; i++) {
-            unsigned char c = (unsigned char)name[i];
-            high |= c;
-            if (c <= 0x20 || c == 0x7f)
-                name_ok = 0;
+        /* a name relay.lines writes: no whitespace or control byte, eight at a time */
+        uint64_t high = 0, bad = 0;
+        Py_ssize_t i = 0;
+        for (; len - i >= 8; i += 8) {
+            uint64_t w;
+            memcpy(&w, name + i, 8);
+            high |= w & HIGHS;
+            bad |= below_0x21(w) | equal_to(w, 0x7f);
         }
-        if (str && (high & 0x80))
+        for (; i < len; i++) {
+            unsigned char c = (unsigned char)name[i];
+            high |= c & 0x80;
+            bad |= c <= 0x20 || c == 0x7f;
+        }
+        name_ok = len > 0 && len <= max_name && !bad;
+        if (str && high)
             return UNKNOWN; /* UTF-8 to check: the general machine's */
         if (p < end && is_put(*p)) {
             if ((m = fmemo_at(self, &p, end, 0, limit)) == NULL)
