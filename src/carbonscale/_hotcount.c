@@ -418,14 +418,23 @@ stream_piece(CountsObject *self, const char *p, Py_ssize_t n)
     return carry_append(self, last, end - last);
 }
 
-/* Sequences of offsets (lists of int). */
+/* Spans given as two sequences of offsets (lists of int) of one length: the
+   caller releases *begins and *ends (NULL or a reference) either way. */
 static int
-offsets(PyObject *seq, PyObject **fast, Py_ssize_t *n)
+span_offsets(PyObject *begins_arg, PyObject *ends_arg, PyObject **begins, PyObject **ends,
+             Py_ssize_t *n)
 {
-    *fast = PySequence_Fast(seq, "offsets must be a sequence of int");
-    if (*fast == NULL)
+    *begins = PySequence_Fast(begins_arg, "offsets must be a sequence of int");
+    if (*begins == NULL)
         return -1;
-    *n = PySequence_Fast_GET_SIZE(*fast);
+    *ends = PySequence_Fast(ends_arg, "offsets must be a sequence of int");
+    if (*ends == NULL)
+        return -1;
+    *n = PySequence_Fast_GET_SIZE(*begins);
+    if (*n != PySequence_Fast_GET_SIZE(*ends)) {
+        PyErr_SetString(PyExc_ValueError, "begins and ends differ in length");
+        return -1;
+    }
     return 0;
 }
 
@@ -464,16 +473,12 @@ counts_add_spans(CountsObject *self, PyObject *args)
 {
     Py_buffer data;
     PyObject *begins_arg, *ends_arg, *begins = NULL, *ends = NULL;
-    Py_ssize_t n, n_ends;
+    Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "y*OO:add_spans", &data, &begins_arg, &ends_arg))
         return NULL;
     PyObject *result = NULL;
-    if (offsets(begins_arg, &begins, &n) < 0 || offsets(ends_arg, &ends, &n_ends) < 0)
+    if (span_offsets(begins_arg, ends_arg, &begins, &ends, &n) < 0)
         goto done;
-    if (n != n_ends) {
-        PyErr_SetString(PyExc_ValueError, "begins and ends differ in length");
-        goto done;
-    }
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t b, e;
         if (span(begins, ends, i, data.len, &b, &e) < 0)
@@ -498,17 +503,13 @@ counts_add_segments(CountsObject *self, PyObject *args)
 {
     Py_buffer prefix, data;
     PyObject *begins_arg, *ends_arg, *begins = NULL, *ends = NULL;
-    Py_ssize_t n, n_ends;
+    Py_ssize_t n;
     if (!PyArg_ParseTuple(args, "y*y*OO:add_segments", &prefix, &data, &begins_arg, &ends_arg))
         return NULL;
     PyObject *result = NULL;
     self->carry_len = 0;
-    if (offsets(begins_arg, &begins, &n) < 0 || offsets(ends_arg, &ends, &n_ends) < 0)
+    if (span_offsets(begins_arg, ends_arg, &begins, &ends, &n) < 0)
         goto done;
-    if (n != n_ends) {
-        PyErr_SetString(PyExc_ValueError, "begins and ends differ in length");
-        goto done;
-    }
     if (stream_piece(self, prefix.buf, prefix.len) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1531,15 +1532,11 @@ join_spans(PyObject *module, PyObject *args)
 {
     Py_buffer prefix, data;
     PyObject *begins_arg, *ends_arg, *begins = NULL, *ends = NULL, *result = NULL;
-    Py_ssize_t n, n_ends, total;
+    Py_ssize_t n, total;
     if (!PyArg_ParseTuple(args, "y*y*OO:join_spans", &prefix, &data, &begins_arg, &ends_arg))
         return NULL;
-    if (offsets(begins_arg, &begins, &n) < 0 || offsets(ends_arg, &ends, &n_ends) < 0)
+    if (span_offsets(begins_arg, ends_arg, &begins, &ends, &n) < 0)
         goto done;
-    if (n != n_ends) {
-        PyErr_SetString(PyExc_ValueError, "begins and ends differ in length");
-        goto done;
-    }
     total = prefix.len;
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t b, e;
