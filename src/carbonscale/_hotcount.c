@@ -453,6 +453,21 @@ span(PyObject *begins, PyObject *ends, Py_ssize_t i, Py_ssize_t size, Py_ssize_t
     return 0;
 }
 
+/* piece(self, data[begin:end]) for every span, then the queued names counted. */
+static int
+each_span(CountsObject *self, const Py_buffer *data, PyObject *begins, PyObject *ends,
+          Py_ssize_t n, int (*piece)(CountsObject *, const char *, Py_ssize_t))
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t b, e;
+        if (span(begins, ends, i, data->len, &b, &e) < 0)
+            return -1;
+        if (piece(self, (const char *)data->buf + b, e - b) < 0)
+            return -1;
+    }
+    return flush_names(self);
+}
+
 static PyObject *
 counts_add_text(CountsObject *self, PyObject *args)
 {
@@ -479,14 +494,7 @@ counts_add_spans(CountsObject *self, PyObject *args)
     PyObject *result = NULL;
     if (span_offsets(begins_arg, ends_arg, &begins, &ends, &n) < 0)
         goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t b, e;
-        if (span(begins, ends, i, data.len, &b, &e) < 0)
-            goto done;
-        if (count_text(self, (const char *)data.buf + b, e - b) < 0)
-            goto done;
-    }
-    if (flush_names(self) < 0)
+    if (each_span(self, &data, begins, ends, n, count_text) < 0)
         goto done;
     result = Py_None;
     Py_INCREF(result);
@@ -512,14 +520,7 @@ counts_add_segments(CountsObject *self, PyObject *args)
         goto done;
     if (stream_piece(self, prefix.buf, prefix.len) < 0)
         goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Py_ssize_t b, e;
-        if (span(begins, ends, i, data.len, &b, &e) < 0)
-            goto done;
-        if (stream_piece(self, (const char *)data.buf + b, e - b) < 0)
-            goto done;
-    }
-    if (flush_names(self) < 0)
+    if (each_span(self, &data, begins, ends, n, stream_piece) < 0)
         goto done;
     result = PyBytes_FromStringAndSize(self->carry, self->carry_len);
 done:
