@@ -69,9 +69,8 @@ def sender_and_door(cluster: Cluster) -> tuple[str, str]:
     and would deliver to itself. Without directors, a relay's line port.
     """
     address, port = front_door(cluster, 2003)
-    if vip(cluster):
-        return cluster.group("storage")[0], f"{address}:{port}"
-    return cluster.group("relays")[0], f"{address}:{port}"
+    sender = cluster.group("storage" if vip(cluster) else "relays")[0]
+    return sender, f"{address}:{port}"
 
 
 def whisper_names(cluster: Cluster, host: str, prefix: str) -> set[str]:
