@@ -128,7 +128,6 @@ KILLER_SCRIPT = """
 import json, os, signal, sqlite3, sys, time
 journal, python, user, out, min_done = sys.argv[1:6]
 import pwd
-uid = pwd.getpwnam(user).pw_uid
 
 def syncs():
     if not os.path.exists(journal):
@@ -152,6 +151,7 @@ while time.time() < deadline and not result["killed"]:
         done, pending = counts.get("done", 0), counts.get("pending", 0)
         if plan in before or done < int(min_done) or not pending:
             continue
+        uid = pwd.getpwnam(user).pw_uid  # the host had no such user before its deploy
         for pid in os.listdir("/proc"):
             try:
                 cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")[:-1]

@@ -60,7 +60,9 @@ class GraphProbe:
         return self.renders
 
     def render_once(self) -> Render:
-        query = [("format", "json"), ("from", str(self.since)), ("until", "now")]
+        # noCache: what the storage hosts answer now, not a render the query
+        # host's memcached kept (a dashboard may lag by that on purpose).
+        query = [("format", "json"), ("from", str(self.since)), ("until", "now"), ("noCache", "1")]
         query += [("target", target) for target in self.targets]
         address = f"{self.url.rstrip('/')}/render?{urllib.parse.urlencode(query)}"
         try:
