@@ -406,9 +406,9 @@ class Run:
 
     def sync_killer_result(self, host: str) -> dict:
         out = docker(host, "sh", "-c", f"cat {KILLER_OUT} 2>/dev/null || true")
-        docker(
-            host, "sh", "-c", f"pkill -f {KILLER} || true"
-        )  # it found nothing: it must not kill a later pass
+        # If it found nothing, it must not kill a later pass. ([p]: the pattern
+        # must not match this shell's own command line.)
+        docker(host, "sh", "-c", f"pkill -f '[p]ython3 {KILLER}' || true")
         return json.loads(out) if out.strip() else {"killed": []}
 
     def check(self, slots: list[int], wait: float = 120) -> dict:
