@@ -3,7 +3,9 @@ converged cluster, in module name order, with the checks that break something
 (marked `disruptive`: they stop, flap or restart hosts and services) after
 all the others. A disruptive check puts back what it broke before it ends,
 so the order among them does not matter and a check added later sees the
-cluster whole.
+cluster whole. A check that changes the ring itself (marked `reshapes`:
+tests/test_lifecycle.py moves the storage tier to other hosts) runs after
+every other one, since it leaves the cluster on another ring.
 """
 
 from __future__ import annotations
@@ -18,12 +20,21 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "disruptive: stops or restarts cluster services; runs after the other checks"
     )
+    config.addinivalue_line(
+        "markers", "reshapes: moves the storage tier to another ring; runs after every other check"
+    )
 
 
 def pytest_collection_modifyitems(items):
     # molecule passes the modules in the order it walked the directory: sort
     # them by name. sort() is stable, so tests keep their order in a module.
-    items.sort(key=lambda item: (item.get_closest_marker("disruptive") is not None, item.path.name))
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("reshapes") is not None,
+            item.get_closest_marker("disruptive") is not None,
+            item.path.name,
+        )
+    )
 
 
 @pytest.fixture(scope="session")
