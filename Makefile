@@ -12,7 +12,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # Every scenario under molecule/ (the shared base in molecule/_shared is not one).
 SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
-.PHONY: preflight venv host-deps docker base-image lint unit molecule test test-quick timed-parts lab lab-destroy \
+.PHONY: preflight venv host-deps docker base-image lint unit molecule test test-quick timed-parts lab lab-destroy lab-expand lab-shrink \
 	bench clean
 
 # Before anything is installed: is Docker possible, is there disk space.
@@ -80,6 +80,14 @@ lab: preflight venv host-deps base-image
 
 lab-destroy:
 	scripts/lab.sh destroy
+
+# Against the running lab: expand.yml (decommission.yml) adds (removes) the
+# spare storage host while a stream goes through the VIP; prints what arrived.
+lab-expand:
+	scripts/lab.sh expand
+
+lab-shrink:
+	scripts/lab.sh shrink
 
 bench: venv host-deps
 	@for script in bench/*.py; do echo "=== $$script"; python $$script; done

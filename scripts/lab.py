@@ -4,6 +4,8 @@
     status   the topology and where to send metrics
     check    only the checks: the inventory, and what on this machine is in the way
     destroy  remove the lab's containers and network (playbooks/lab-destroy.yml)
+    expand   expand.yml adds the spare storage host while a stream goes through the VIP
+    shrink   decommission.yml removes it again, the same way
 
 Every lab host comes from the inventory (`ansible-inventory --list`): its
 container is named ansible_host and gets carbonscale_address on one docker
@@ -14,7 +16,8 @@ lab's subnet, or a container with a lab host's name that the lab did not make.
 
 The smoke test is the cluster scenario's placement test
 (molecule/cluster/tests/test_placement.py) run against the lab inventory: one
-check, two users.
+check, two users. So are expand and shrink: the cluster scenario's lifecycle
+check (molecule/cluster/tests/test_lifecycle.py) with one move, uninterrupted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ BIN = Path(sys.executable).parent
 # exactly those.
 OWNER = "carbonscale-lab"
 PLACEMENT_TEST = "molecule/cluster/tests/test_placement.py"
+LIFECYCLE_TEST = "molecule/cluster/tests/test_lifecycle.py"
 
 
 class LabError(Exception):
@@ -457,6 +461,39 @@ def cmd_up() -> int:
     return 1 if status == "failed" else 0
 
 
+def move(verb: str) -> int:
+    """Run the lifecycle check's one move against the lab, its report printed as
+    it comes: points sent, found on their owners, lost, left on non-owners, the
+    longest gap a graph showed, each phase's time and files/s."""
+    source, hosts, _, _ = load(check_conflicts=False)
+    if not any("storage_spare" in h.groups for h in hosts):
+        raise LabError(f"{source} has no host in group storage_spare to add or remove")
+    print(f"lab: {verb}: ansible-playbook {'expand' if verb == 'expand' else 'decommission'}.yml"
+          " under a stream through the VIP (about 10 minutes)", flush=True)  # fmt: skip
+    proc = subprocess.run(
+        [str(BIN / "pytest"), "-p", "no:cacheprovider", "-q", "-s", "--connection=ansible",
+         f"--ansible-inventory={source}", LIFECYCLE_TEST],
+        cwd=ROOT,
+        env=dict(ansible_env(), CARBONSCALE_LAB_MOVE=verb),
+    )  # fmt: skip
+    if proc.returncode != 0:
+        print(f"lab: {verb} FAILED (the check's report is above)", file=sys.stderr)
+        return 1
+    print(
+        f"lab: {verb} done."
+        + (" `make lab-shrink` takes the spare out again." if verb == "expand" else "")
+    )
+    return 0
+
+
+def cmd_expand() -> int:
+    return move("expand")
+
+
+def cmd_shrink() -> int:
+    return move("shrink")
+
+
 def cmd_status() -> int:
     source, hosts, subnet, network = load(check_conflicts=False)
     table, ports = topology(hosts, subnet, network, source)
@@ -473,7 +510,14 @@ def cmd_destroy() -> int:
 
 
 def main(argv: list[str]) -> int:
-    verbs = {"up": cmd_up, "status": cmd_status, "check": cmd_check, "destroy": cmd_destroy}
+    verbs = {
+        "up": cmd_up,
+        "status": cmd_status,
+        "check": cmd_check,
+        "destroy": cmd_destroy,
+        "expand": cmd_expand,
+        "shrink": cmd_shrink,
+    }
     if len(argv) != 1 or argv[0] not in verbs:
         print(f"usage: lab.py {{{','.join(verbs)}}}", file=sys.stderr)
         return 2

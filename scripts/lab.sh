@@ -7,6 +7,8 @@
 #   scripts/lab.sh status     the topology, where to send metrics
 #   scripts/lab.sh check      only the inventory and conflict checks of `up`
 #   scripts/lab.sh destroy    remove the lab's containers and network (make lab-destroy)
+#   scripts/lab.sh expand     add the spare storage host under traffic (make lab-expand)
+#   scripts/lab.sh shrink     remove it again under traffic (make lab-shrink)
 #
 # `make lab` runs preflight first, then installs host packages, creates .venv
 # and builds the base image, then `up`. The work past preflight is in
@@ -78,11 +80,11 @@ case "${1:-}" in
     preflight
     exec "$(venv_python)" scripts/lab.py up
     ;;
-  status | destroy | check)
+  status | destroy | check | expand | shrink)
     exec "$(venv_python)" scripts/lab.py "$1"
     ;;
   *)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,7 @@ Shared by test_query.py, test_query_ui.py and test_query_hung_storage.py.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 WHISPER = "/var/lib/graphite/whisper"
@@ -53,13 +54,16 @@ def _path(metric: str) -> str:
 
 
 def write_series(host, metric: str, retention: str, points: str) -> None:
-    """A fresh whisper file for metric with points 'time:value ...' (shell words)."""
+    """A fresh whisper file for metric with points 'time:value ...' (shell words),
+    written as carbon's user, as carbon would: a directory root made in the
+    whisper tree would stop carbon, and a later move, from writing into it."""
     path = _path(metric)
-    host.check_output(
+    script = (
         f"set -e; mkdir -p $(dirname {path}); rm -f {path}; "
         f"whisper-create {path} {retention} >/dev/null; "
         + (f"whisper-update {path} {points}" if points else "true")
     )
+    host.check_output(f"runuser -u _graphite -- sh -c {shlex.quote(script)}")
 
 
 def prepare(cluster) -> QueryTier:

@@ -29,6 +29,7 @@ and spare hosts the relays' ring lacks, and the one removed another one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -65,6 +66,11 @@ PROBED_GROUPS = (7, 23)
 # relays' and carbon-cache's own delay before a point can be read (graphite-web
 # reads points still in carbon-cache's memory over CarbonLink).
 GRACE = 20
+# scripts/lab.py (make lab-expand, make lab-shrink) runs this check against the
+# lab with `expand` or `shrink`: that one move, not interrupted. Unset (the
+# cluster scenario): both moves, each interrupted once.
+LAB_MOVE = os.environ.get("CARBONSCALE_LAB_MOVE", "")
+assert LAB_MOVE in ("", "expand", "shrink"), f"CARBONSCALE_LAB_MOVE={LAB_MOVE!r}"
 
 # Point of metric i at slot t: i * 10000 + (t // STEP) % 10000, exact in a double.
 VALUE = "lambda i, t: float(i * 10000 + (t // 10) % 10000)"
@@ -213,9 +219,18 @@ print(json.dumps({{"held": sorted(held), "missing": missing[:20], "missing_count
 """
 
 
-def docker(container: str, *argv: str, stdin: str = "", timeout: float = 300) -> str:
+# Inventory host name -> its container (ansible_host: the lab names them
+# cs-lab-*; molecule names them as the hosts). Filled by Run.
+CONTAINERS: dict[str, str] = {}
+
+
+def docker(
+    host: str, *argv: str, stdin: str = "", timeout: float = 300, detach: bool = False
+) -> str:
+    """argv run in host's container (as root); its output."""
+    container = CONTAINERS.get(host, host)
     done = subprocess.run(
-        ["docker", "exec", "-i", container, *argv],
+        ["docker", "exec", *(["-d"] if detach else ["-i"]), container, *argv],
         input=stdin.encode(),
         capture_output=True,
         timeout=timeout,
@@ -341,15 +356,23 @@ class Run:
         self.relay = cluster.group("relays")[0]
         self.storage = cluster.group("storage")
         self.spare = cluster.group("storage_spare")
-        assert self.spare, "the scenario has no storage_spare host (molecule.yml)"
+        assert self.spare, "the inventory has no storage_spare host to add"
         self.everyone = self.storage + self.spare
+        for host in cluster.group("all"):
+            CONTAINERS[host] = cluster.vars(host).get("ansible_host", host)
         self.by_address = {cluster.address(h): h for h in self.everyone}
         ring = ring_hosts(self.relay)
         outside = [h for h in self.everyone if cluster.address(h) not in ring]
-        assert len(outside) == 1, f"the relays' ring {ring}: not all but one of {self.everyone}"
-        self.added = outside[0]
-        # Not the first relay-ring host (it plans every pass): the second one.
-        self.removed = self.by_address[ring[1]]
+        if LAB_MOVE == "shrink":
+            # The lab's shrink undoes its expand: the spare goes if it is in the ring.
+            spare = [h for h in self.spare if cluster.address(h) in ring]
+            self.removed = spare[0] if spare else self.by_address[ring[1]]
+            self.added = None
+        else:
+            assert len(outside) == 1, f"the relays' ring {ring}: not all but one of {self.everyone}"
+            self.added = outside[0]
+            # Not the first relay-ring host (it plans every pass): the second one.
+            self.removed = self.by_address[ring[1]]
         self.inventory = cluster.inventory
         self.extra = tmp / "storage-with-spare.yml"
         # Every candidate in the storage group: expand's target is all of them.
@@ -402,7 +425,8 @@ class Run:
         python = setting(self.cluster, host, "carbonscale", "carbonscale_venv") + "/bin/python"
         docker(host, "sh", "-c", f"cat > {KILLER}", stdin=KILLER_SCRIPT)
         docker(host, "rm", "-f", KILLER_OUT)
-        docker("-d", host, "python3", KILLER, JOURNAL, python, "_graphite", KILLER_OUT, "100")
+        argv = ("python3", KILLER, JOURNAL, python, "_graphite", KILLER_OUT, "100")
+        docker(host, *argv, detach=True)
 
     def sync_killer_result(self, host: str) -> dict:
         out = docker(host, "sh", "-c", f"cat {KILLER_OUT} 2>/dev/null || true")
@@ -455,11 +479,54 @@ def move_line(name: str, seconds: float, move: dict) -> str:
     )
 
 
+def expand_interrupted(run: Run, inventories: list[str]) -> tuple[float, str]:
+    """expand.yml with the sync pulling history into the new host killed -9
+    halfway (small batches, so there is a halfway), then run again to its end:
+    seconds, and what happened."""
+    run.start_sync_killer(run.added)
+    _, first_s, status = playbook(
+        inventories, "expand.yml", "-e", "lifecycle_sync_batch=20", succeed=False
+    )
+    kill = run.sync_killer_result(run.added)
+    interrupted = live_phases(run.relay)
+    assert kill["killed"] and status != 0, (kill, status)
+    assert interrupted == ["deploy"], interrupted  # it died in the copy
+    _, second_s, _ = playbook(inventories, "expand.yml")
+    return first_s + second_s, (
+        f"expand interrupted: the sync on {run.added} killed -9 with {kill['done']} files done "
+        f"and {kill['pending']} pending ({first_s:.0f} s), then run again ({second_s:.0f} s)"
+    )
+
+
+def decommission_interrupted(
+    run: Run, inventories: list[str], node: tuple
+) -> tuple[str, float, str]:
+    """decommission.yml with ansible-playbook killed -9 (with its workers) as
+    soon as the history copy is recorded, while the relays roll onto both
+    rings; then run again to its end: the last run's output, seconds, and what
+    happened."""
+    killed_s, at_kill = playbook_killed_after(
+        inventories, "decommission.yml", run.relay, "copy", *node
+    )
+    assert "copy" in at_kill and "cutover" not in at_kill, at_kill
+    out, rest_s, _ = playbook(inventories, "decommission.yml", *node)
+    return (
+        out,
+        killed_s + rest_s,
+        (
+            f"decommission interrupted: ansible-playbook killed -9 after {killed_s:.0f} s with "
+            f"{', '.join(at_kill)} done, then run again ({rest_s:.0f} s)"
+        ),
+    )
+
+
 def test_expand_then_decommission_under_traffic_lose_no_point_and_leave_no_copy(cluster, tmp_path):
     run = Run(cluster, tmp_path)
     inventories = [run.inventory, str(run.extra)]
+    expanding, decommissioning = LAB_MOVE in ("", "expand"), LAB_MOVE in ("", "shrink")
+    node = ("-e", f"node={run.removed}")
     run.write_history()
-    owners_before = relay_owners(run.relay, run.names)
+    owners = [relay_owners(run.relay, run.names)]  # before, and after each move
     query = cluster.group("query")[0]
     probed = [n for n in run.names if int(n.split(".")[-2][1:]) in PROBED_GROUPS]
     port = setting(cluster, query, "graphite_web", "graphite_web_port")
@@ -471,96 +538,93 @@ def test_expand_then_decommission_under_traffic_lose_no_point_and_leave_no_copy(
     started = time.time()
     run.start_sender()
     delivered: dict[int, float] = {}
+    lines, moves = [], []
     try:
         time.sleep(2 * STEP)  # the stream runs before the move starts
-
-        # expand, interrupted: the sync pulling history into the new host is
-        # killed -9 halfway (small batches, so there is a halfway); then run again.
-        run.start_sync_killer(run.added)
-        _, first_s, status = playbook(
-            inventories, "expand.yml", "-e", "lifecycle_sync_batch=20", succeed=False
-        )
-        kill = run.sync_killer_result(run.added)
-        interrupted = live_phases(run.relay)
-        assert kill["killed"] and status != 0, (kill, status)
-        assert interrupted == ["deploy"], interrupted  # it died in the copy
-        _, second_s, _ = playbook(inventories, "expand.yml")
-        expand = last_move(run.relay)
-        assert expand["action"] == "expand" and expand["outcome"] == "done"
-        added = cluster.address(run.added)
-        owners_expanded = relay_owners(run.relay, run.names)
-        moved_in = sum(1 for o in owners_expanded.values() if added in o)
-        again, _, _ = playbook(inventories, "expand.yml")
-        assert set(recap_changes(again).values()) == {0}, recap_changes(again)
-
-        # decommission, interrupted: ansible-playbook killed -9 (with its
-        # workers) as soon as the history copy is recorded, while the relays
-        # roll onto both rings; then run again.
-        node = ("-e", f"node={run.removed}")
-        killed_s, at_kill = playbook_killed_after(
-            inventories, "decommission.yml", run.relay, "copy", *node
-        )
-        assert "copy" in at_kill and "cutover" not in at_kill, at_kill
-        out, rest_s, _ = playbook(inventories, "decommission.yml", *node)
-        decommission = last_move(run.relay)
-        assert decommission["action"] == "decommission" and decommission["outcome"] == "done"
-        assert re.search(rf"Now\s+remove\s+{run.removed}\s", out), out[-3000:]
+        if expanding:
+            if LAB_MOVE:
+                seconds, what = playbook(inventories, "expand.yml")[1], ""
+            else:
+                seconds, what = expand_interrupted(run, inventories)
+            expand = last_move(run.relay)
+            assert expand["action"] == "expand" and expand["outcome"] == "done"
+            owners.append(relay_owners(run.relay, run.names))
+            again, _, _ = playbook(inventories, "expand.yml")
+            assert set(recap_changes(again).values()) == {0}, recap_changes(again)
+            lines += [what, move_line("expand", seconds, expand)]
+            moves.append("expand")
+        if decommissioning:
+            if LAB_MOVE:
+                out, seconds, _ = playbook(inventories, "decommission.yml", *node)
+                what = ""
+            else:
+                out, seconds, what = decommission_interrupted(run, inventories, node)
+            decommission = last_move(run.relay)
+            assert decommission["action"] == "decommission" and decommission["outcome"] == "done"
+            assert re.search(rf"Now\s+remove\s+{run.removed}\s", out), out[-3000:]
+            owners.append(relay_owners(run.relay, run.names))
+            lines += [what, move_line("decommission", seconds, decommission)]
+            moves.append("decommission")
         time.sleep(STEP + GRACE)  # the stream and the probe go on after the move
     finally:
         delivered = run.stop_sender()
         renders = probe.stop()
-    rerun, _, _ = playbook(inventories, "decommission.yml", *node)
-    assert set(recap_changes(rerun).values()) == {0}, recap_changes(rerun)
-    assert cluster.address(run.removed) not in ring_hosts(run.relay)
-    assert added in ring_hosts(run.relay)
+    if decommissioning:
+        rerun, _, _ = playbook(inventories, "decommission.yml", *node)
+        assert set(recap_changes(rerun).values()) == {0}, recap_changes(rerun)
+        assert cluster.address(run.removed) not in ring_hosts(run.relay)
+    if expanding:
+        assert cluster.address(run.added) in ring_hosts(run.relay)
 
     slots = sorted(delivered)
     report = run.check(run.history + slots)
-    owners_after = relay_owners(run.relay, run.names)
     history = {t: started for t in run.history}  # on disk before the probe's first render
     holes = gaps(renders, {**history, **delivered}, probed, STEP, GRACE)
-    moved_probed = [
-        sum(1 for n in probed if a[n] != b[n])
-        for a, b in ((owners_before, owners_expanded), (owners_expanded, owners_after))
-    ]
-    creates = int(
-        setting(cluster, run.added, "carbon_storage", "carbon_storage_max_creates_per_minute")
-    )
-    instances = len(cluster.vars(run.storage[0])["carbon_instances"])
-    window = (expand["phases"][-1]["at"] - next(
-        p["at"] for p in expand["phases"] if p["phase"] == "copy")) / 60  # fmt: skip
-    allowed = creates * instances * window
+    moved_probed = [sum(1 for n in probed if a[n] != b[n]) for a, b in itertools.pairwise(owners)]
     sent = NAMES * len(slots)
-    print(
-        f"\nlifecycle: {NAMES} metrics (half line, half pickle), {len(slots)} slots of {STEP} s "
+    lines.insert(
+        0,
+        f"lifecycle: {NAMES} metrics (half line, half pickle), {len(slots)} slots of {STEP} s "
         f"sent through the VIP ({sent} points) + {HISTORY} slots of history; "
         f"{report['checked']} points checked on their owners: "
         f"{report['checked'] - report['missing'] - report['wrong']} found, "
         f"{report['missing']} lost, {report['wrong']} wrong; {report['strays']} files on "
-        f"non-owners; slots sent again after a failed connection: {len(run.retries)}"
-        f"\nexpand interrupted: the sync on {run.added} killed -9 with {kill['done']} files done "
-        f"and {kill['pending']} pending ({first_s:.0f} s), then run again ({second_s:.0f} s)"
-        f"\n{move_line('expand', first_s + second_s, expand)}"
-        f"\ndecommission interrupted: ansible-playbook killed -9 after {killed_s:.0f} s with "
-        f"{', '.join(at_kill)} done, then run again ({rest_s:.0f} s)"
-        f"\n{move_line('decommission', killed_s + rest_s, decommission)}"
-        f"\nnames moved to {run.added}: {moved_in}; its carbon could create {allowed:.0f} files "
-        f"from the history copy to the end of the expand ({creates}/min x {instances} instances "
-        f"x {window:.1f} min)"
-        f"\ngraphs: {holes.renders} renders of {holes.series} series through {query} every "
-        f"{probe.every:.0f} s ({moved_probed[0]} of them moved by the expand, {moved_probed[1]} "
-        f"by the decommission): {len(holes.missing)} slots missing from a graph "
-        f"{GRACE} s after they were sent, longest gap {holes.longest_gap} s; "
-        f"{len(holes.failed)} renders failed"
+        f"non-owners; slots sent again after a failed connection: {len(run.retries)}",
     )
+    lines.append(
+        f"graphs: {holes.renders} renders of {holes.series} series through {query} every "
+        f"{probe.every:.0f} s ("
+        + ", ".join(
+            f"{n} of them moved by the {m}" for n, m in zip(moved_probed, moves, strict=True)
+        )
+        + f"): {len(holes.missing)} slots missing from a graph {GRACE} s after they were sent, "
+        f"longest gap {holes.longest_gap} s; {len(holes.failed)} renders failed"
+    )
+    if expanding:
+        added = cluster.address(run.added)
+        moved_in = sum(1 for o in owners[1].values() if added in o)
+        creates = int(
+            setting(cluster, run.added, "carbon_storage", "carbon_storage_max_creates_per_minute")
+        )
+        instances = len(cluster.vars(run.storage[0])["carbon_instances"])
+        window = (expand["phases"][-1]["at"] - next(
+            p["at"] for p in expand["phases"] if p["phase"] == "copy")) / 60  # fmt: skip
+        allowed = creates * instances * window
+        lines.append(
+            f"names moved to {run.added}: {moved_in}; its carbon could create {allowed:.0f} "
+            f"files from the history copy to the end of the expand ({creates}/min x "
+            f"{instances} instances x {window:.1f} min)"
+        )
+    print("\n" + "\n".join(line for line in lines if line))
     assert report["checked"] >= NAMES * (HISTORY + len(slots))
     assert not report["missing"] and not report["wrong"], report["examples"]
     assert report["strays"] == 0, report["examples"]
-    assert holes.renders > 0 and moved_probed[0] > 0 and moved_probed[1] > 0
+    assert holes.renders > 0 and all(moved_probed), moved_probed
     assert not holes.missing, holes.missing[:10]
     assert not holes.failed, holes.failed[:10]
     # Without the history copy creating their files first, the spare's carbon
     # could not have created most of them in time: points there would have been
-    # dropped. (A rerun on the same cluster adds back a host with the default.)
-    if run.added in run.spare:
+    # dropped. (The scenario's spare creates 60 files a minute; a rerun on the
+    # same cluster may add back a host with the role's default.)
+    if expanding and not LAB_MOVE and run.added in run.spare:
         assert moved_in > allowed, (moved_in, allowed)
