@@ -8,6 +8,7 @@ services listen on 127.0.0.1 ports; the plan maps one to the other (--host).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -204,6 +205,25 @@ def converge(cluster: Cluster) -> Path:
         clean = host.step("cleanup", plan)
         assert clean.returncode == 0, clean.stderr
     return plan
+
+
+def test_tagged_series_stay_where_carbon_wrote_them(cluster_factory):
+    """carbon names a tagged series' file by a hash of its name: placing that
+    path on the ring would move the file away from its owner, so it stays."""
+    cluster = cluster_factory("carbon_ch", 1, count=40)
+    digest = hashlib.sha256(b"disk.used;host=web1;mount=/var").hexdigest()
+    tagged = {
+        host: cluster.tmp / host / "_tagged" / digest[:3] / digest[3:6] / f"{digest}.wsp"
+        for host in (A, C)
+    }
+    for path in tagged.values():
+        write(path, [(cluster.now - cluster.now % 60 - 60, 1.0)])
+    before = {host: path.read_bytes() for host, path in tagged.items()}
+    plan = converge(cluster)
+    cluster.check_converged()
+    assert {host: path.read_bytes() for host, path in tagged.items() if path.exists()} == before
+    assert not list((cluster.tmp / C / ".quarantine").rglob(f"{digest}.wsp"))
+    assert digest not in plan.read_text()
 
 
 @pytest.mark.parametrize("replication", [1, 2])

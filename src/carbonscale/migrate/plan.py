@@ -60,18 +60,31 @@ def describe_ring(ring: Ring) -> dict:
     }
 
 
+# carbon's tagged series: _tagged/<3 hex>/<3 hex>/<sha256 of the tagged name>.wsp.
+# The path holds a hash of the name the relays place it by, not the name.
+TAGGED = b"_tagged/"
+
+
 def carbon_names(listing: Listing) -> tuple[list[bytes], np.ndarray | None]:
     """The metric names of a listing's paths that are carbon's path of a metric
     name, and those paths' line indices (None: all of them). A path with a '.'
-    outside its '.wsp' suffix is left out: carbon would never write a metric to it."""
+    outside its '.wsp' suffix is left out: carbon would never write a metric to it.
+    So are tagged series: the name that places one cannot be read back from its
+    path, and placing it by the path would move it away from its owner."""
     block = listing.block
-    if block.count(b".") == listing.count == block.count(b".wsp\n"):  # the common case
-        # Every line ends in the only '.wsp\n' and has no other '.': one split names them.
+    tagged = block.startswith(TAGGED) or b"\n" + TAGGED in block
+    if not tagged and block.count(b".") == listing.count == block.count(b".wsp\n"):
+        # The common case. Every line ends in the only '.wsp\n' and has no
+        # other '.': one split names them.
         names = block.replace(b"/", b".").split(b".wsp\n")
         names.pop()
         return names, None
     paths = listing.paths
-    keep = [i for i, p in enumerate(paths) if p.count(b".") == 1 and p.endswith(b".wsp")]
+    keep = [
+        i
+        for i, p in enumerate(paths)
+        if p.count(b".") == 1 and p.endswith(b".wsp") and not p.startswith(TAGGED)
+    ]
     return names_of([paths[i] for i in keep]), np.asarray(keep, dtype=np.int64)
 
 
