@@ -31,6 +31,7 @@ relay's decoder. Both count the same (tested equal).
 from __future__ import annotations
 
 import heapq
+import mmap
 import os
 import struct
 import subprocess
@@ -275,6 +276,38 @@ class Decoder:
                 tcp_segments.append((key, protocol, segment.flags, segment.seq, segment.data))
         else:
             skipped["not TCP or UDP"] += 1
+
+    # ----- a classic pcap file, walked in C
+
+    def feed_pcap(self, linktype: int, buffer, offset: int, big_endian: bool, divisor: float):
+        """The records of a classic pcap in buffer (an mmap of the file) from offset on,
+        decoded and counted by _hotcount.Walker: the frames feed_batches reads with
+        numpy, IPv6 and VLAN-tagged ones too, and TCP reassembly and pickle frames as
+        tcp() does them; any other frame through dpkt's full decode (transport), any
+        pickle frame C does not know through the pickle relay's decoder. Needs the
+        native counts and a link type of the bulk path."""
+        network_layer = self.network_layer(linktype)
+
+        def other_frame(frame: bytes) -> list[tuple]:
+            found: list = []
+            self.transport(network_layer, frame, found)
+            return [(src, sport, dst, dport, flags, seq, payload)
+                    for (src, sport, dst, dport), _, flags, seq, payload in found]  # fmt: skip
+
+        walker = _hotcount.Walker(
+            *(self.native[p] for p in PROTOCOLS),
+            self.kind_codes.tobytes(),
+            _decode_frame,
+            other_frame,
+            relay_lines.DEFAULT_MAX_NAME,
+            relay_lines.DEFAULT_MAX_OUTPUT,
+        )
+        walker.walk(buffer, offset, big_endian, linktype)
+        packets, first, last, skipped = walker.stats()
+        self.stats.skipped.update(skipped)
+        if first is not None:
+            first, last = pcaprecords.stamp(first, divisor), pcaprecords.stamp(last, divisor)
+        self.stats.span(first, last, packets)
 
     # ----- all records, in batches
 
@@ -595,9 +628,10 @@ class Decoder:
 
 
 def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = False) -> Decoder:
-    """The capture decoded: a classic pcap in bulk (pcaprecords, Decoder.feed_batches),
-    pcapng record by record through dpkt's reader; with full_dpkt, every record
-    through dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
+    """The capture decoded: a classic pcap walked in C (Decoder.feed_pcap) when the
+    decoder counts in C, else in bulk (pcaprecords, Decoder.feed_batches), pcapng
+    record by record through dpkt's reader; with full_dpkt, every record through
+    dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
     decoder = decoder or Decoder()
     handle = _open(path)
     header = None if full_dpkt else pcaprecords.file_header(handle)
@@ -608,10 +642,39 @@ def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = 
         return decoder
     linktype, order, divisor = header
     with handle:
+        mapped = None
+        if decoder.native is not None and linktype in _BULK_LINKS:
+            mapped = _mapped(handle)
+        if mapped is not None:
+            with mapped:
+                decoder.feed_pcap(
+                    linktype, mapped, pcaprecords.FILE_HEADER_BYTES, order == ">", divisor
+                )
+            return decoder
         decoder.feed_batches(
             linktype, pcaprecords.batches(handle, order, divisor, decoder.stats.skipped)
         )
     return decoder
+
+
+def _mapped(handle) -> mmap.mmap | None:
+    """The file read-only in memory, its pages read ahead; None if it cannot be mapped
+    (not a regular file): then it is read in blocks."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        return mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+
+
+def _decode_frame(frame: bytes) -> tuple[bytes, int] | None:
+    """A pickle frame through the pickle relay's decoder: (its lines, invalid points),
+    None when it is malformed (_hotcount.Walker's decode_frame)."""
+    try:
+        text, _, invalid = relay_lines.decode_frame(frame, int(time.time()))
+    except relay_lines.MalformedFrame:
+        return None
+    return text, invalid
 
 
 def _record_batches(records: Iterable[tuple[float, bytes]]) -> Iterator[pcaprecords.Batch]:
