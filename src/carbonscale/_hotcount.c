@@ -180,7 +180,15 @@ hash_name(const char *s, Py_ssize_t n)
     uint64_t w = 0;
     memcpy(&w, s, (size_t)n);
     h = (h ^ w) * 0x94D049BB133111EBULL;
-    h ^= h >> 29;
+    /* A product's low bits depend on its factors' low bits only: without this
+     * finish (murmur3's fmix64) the slot, which is the hash's low bits, never
+     * sees the high bytes of the words, and names that differ there share
+     * probe chains. */
+    h ^= h >> 33;
+    h *= 0xFF51AFD7ED558CCDULL;
+    h ^= h >> 33;
+    h *= 0xC4CEB9FE1A85EC53ULL;
+    h ^= h >> 33;
     return h ? h : 1;
 }
 

@@ -48,9 +48,8 @@ from carbonscale.ops import pcaprecords
 from carbonscale.ops.namecount import count_names, reference_names
 from carbonscale.relay import lines as relay_lines
 from carbonscale.relay.statsd.backends import parse_backends
-from carbonscale.relay.statsd.placement import primary
 from carbonscale.relay_names import rewrite_block
-from carbonscale.ring import Ring
+from carbonscale.ring import Ring, fnv1a_64_batch, jump_hash_batch
 
 try:
     from carbonscale import _hotcount
@@ -658,13 +657,15 @@ def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = 
 
 
 def _mapped(handle) -> mmap.mmap | None:
-    """The file read-only in memory, its pages read ahead; None if it cannot be mapped
-    (not a regular file): then it is read in blocks."""
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    """The file read-only in memory (no copy, unlike read()); None if it cannot be
+    mapped (not a regular file): then it is read in blocks."""
     try:
-        return mmap.mmap(handle.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
         return None
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return mapped
 
 
 def _decode_frame(frame: bytes) -> tuple[bytes, int] | None:
@@ -761,8 +762,24 @@ def _most_points_first(item: tuple[bytes, int]) -> tuple[int, bytes]:
     return -item[1], item[0]
 
 
-def _prefix(name: bytes, depth: int) -> bytes:
-    return b".".join(name.split(b".", depth)[:depth])
+def _summed(first: Mapping[bytes, int], second: Mapping[bytes, int]) -> Counter[bytes]:
+    """Counter(first) + Counter(second) for counts > 0, with dict-speed copies: only
+    the names both hold are added up one by one."""
+    summed = Counter({**first, **second})
+    for name in first.keys() & second.keys():
+        summed[name] = first[name] + second[name]
+    return summed
+
+
+def _prefix_counts(counts: Mapping[bytes, int], depth: int) -> Counter[bytes]:
+    """Points per name prefix: the first `depth` dot-separated fields of the names."""
+    prefixes: Counter[bytes] = Counter()
+    get = prefixes.get
+    join = b".".join
+    for name, count in counts.items():
+        prefix = join(name.split(b".", depth)[:depth])
+        prefixes[prefix] = get(prefix, 0) + count
+    return prefixes
 
 
 def analyse(
@@ -779,19 +796,12 @@ def analyse(
     stats = decoder.stats
     span = seconds or ((stats.last - stats.first) if stats.first is not None else 0.0)
     span = span if span > 0 else 1.0
-    counts: Counter[bytes] = Counter()
-    carbon: Counter[bytes] = Counter()
-    statsd: Counter[bytes] = Counter()
-    per_protocol = {}
-    for protocol in PROTOCOLS:
-        names = decoder.counts(protocol)
-        per_protocol[protocol] = sum(names.values())
-        (statsd if protocol == "statsd" else carbon).update(names)
-    counts.update(carbon)
-    counts.update(statsd)
-    prefixes: Counter[bytes] = Counter()
-    for name, count in counts.items():
-        prefixes[_prefix(name, prefix_depth)] += count
+    by_protocol = {protocol: decoder.counts(protocol) for protocol in PROTOCOLS}
+    per_protocol = {protocol: sum(names.values()) for protocol, names in by_protocol.items()}
+    carbon = _summed(by_protocol["line"], by_protocol["pickle"])
+    statsd = by_protocol["statsd"]
+    counts = _summed(carbon, statsd)
+    prefixes = _prefix_counts(counts, prefix_depth)
 
     def ranked(counter: Counter, limit: int) -> list[list]:
         # Most points first; equal counts by name, whatever order the points came in.
@@ -821,36 +831,42 @@ def analyse(
     return report
 
 
+def _load(members: Sequence[str], rows: np.ndarray, counts: Sequence[int], span: float) -> dict:
+    """[points, points/s] per member: rows[i] are the indices of the members name i
+    goes to, counts[i] its points."""
+    totals = np.zeros(len(members), np.int64)
+    if len(counts):
+        rows = rows.reshape(len(counts), -1)
+        np.add.at(totals, rows.ravel(), np.repeat(np.array(counts, np.int64), rows.shape[1]))
+    load: dict[str, list] = {}
+    for member, total in zip(members, totals.tolist(), strict=True):
+        load.setdefault(member, [0, 0.0])[0] += total
+    for entry in load.values():
+        entry[1] = entry[0] / span
+    return load
+
+
 def instance_load(
     ring: Ring, counts: Mapping[bytes, int], span: float, allowed_chars: bytes | None
 ) -> dict[str, list]:
     """[points, points/s] each ring member receives (every replica counts)."""
-    load = {m.relay_syntax: [0, 0.0] for m in ring.members}
+    members = [m.relay_syntax for m in ring.members]
     names = list(counts)
     if not names:
-        return load
+        return {member: [0, 0.0] for member in members}
     routed = names
     if allowed_chars is not None:
         routed = rewrite_block(b"\n".join(names) + b"\n", allowed_chars).split(b"\n")[:-1]
-    rows = ring.locate_batch(routed).tolist()
-    for name, row in zip(names, rows, strict=True):
-        for index in row:
-            load[ring.members[index].relay_syntax][0] += counts[name]
-    for entry in load.values():
-        entry[1] = entry[0] / span
-    return load
+    return _load(members, ring.locate_batch(routed), list(counts.values()), span)
 
 
 def statsd_load(specs: Sequence[str], counts: Mapping[bytes, int], span: float) -> dict:
     """[points, points/s] each statsd daemon receives from the statsd relay (every
-    backend up: StatsRelay's jump placement)."""
-    backends = parse_backends(list(specs))
-    load = {b.spec: [0, 0.0] for b in backends}
-    for name, count in counts.items():
-        load[backends[primary(name, len(backends))].spec][0] += count
-    for entry in load.values():
-        entry[1] = entry[0] / span
-    return load
+    backend up: StatsRelay's jump placement, placement.primary of every name)."""
+    backends = [b.spec for b in parse_backends(list(specs))]
+    names = list(counts)
+    rows = jump_hash_batch(fnv1a_64_batch(names), len(backends)) if names else np.zeros(0)
+    return _load(backends, rows, list(counts.values()), span)
 
 
 def merge_hot(reports: Mapping[str, dict], top: int = 20) -> dict:
