@@ -80,12 +80,16 @@ grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t item)
 
 /* ------------------------------------------------------------ the name table */
 
+/* A name's entry in the arena: its count and bytes together (one cache line
+ * for most names), 8-byte aligned. */
 typedef struct {
-    uint64_t hash; /* 0: empty slot */
-    Py_ssize_t at; /* the name's bytes in `names` */
-    Py_ssize_t len;
     long long count;
-} slot_t;
+    uint32_t len;
+    uint32_t hash; /* the low half of the name's hash: where its slot is */
+    char name[];
+} entry_t;
+
+#define ENTRY_SIZE(len) ((sizeof(entry_t) + (size_t)(len) + 7) & ~(size_t)7)
 
 /* Pickle machine values. */
 enum { V_OTHER, V_INT, V_FLOAT, V_STR, V_BYTES, V_TUPLE, V_LIST };
@@ -134,10 +138,13 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int statsd;
-    slot_t *slots;
-    Py_ssize_t mask, used; /* slots: mask + 1 */
-    char *names;
-    Py_ssize_t names_len, names_cap;
+    /* slots: mask + 1, each the high half of its name's hash << 32 | (the
+     * entry's offset in the arena / 8 + 1), 0 when empty: small enough to stay
+     * in the caches, and a name is compared only when its hash's high half is. */
+    uint64_t *slots;
+    Py_ssize_t mask, used;
+    char *arena; /* entries */
+    Py_ssize_t arena_len, arena_cap;
     long long points;
     char *carry; /* add_segments' line crossing segments */
     Py_ssize_t carry_len, carry_cap;
@@ -180,22 +187,24 @@ hash_name(const char *s, Py_ssize_t n)
     uint64_t w = 0;
     memcpy(&w, s, (size_t)n);
     h = (h ^ w) * 0x94D049BB133111EBULL;
-    /* A product's low bits depend on its factors' low bits only: without this
-     * finish (murmur3's fmix64) the slot, which is the hash's low bits, never
-     * sees the high bytes of the words, and names that differ there share
-     * probe chains. */
-    h ^= h >> 33;
-    h *= 0xFF51AFD7ED558CCDULL;
-    h ^= h >> 33;
-    h *= 0xC4CEB9FE1A85EC53ULL;
-    h ^= h >> 33;
+    /* A product's high bits depend on all of its factors' bits, its low bits on
+     * their low bits only: the high half folded into the low one, or the slot
+     * (the low bits) would never see the high bytes of the words, and names
+     * that differ there would share probe chains. */
+    h ^= h >> 32;
     return h ? h : 1;
+}
+
+static inline entry_t *
+slot_entry(const CountsObject *self, uint64_t slot)
+{
+    return (entry_t *)(self->arena + ((slot & 0xFFFFFFFFU) - 1) * 8);
 }
 
 static int
 table_resize(CountsObject *self, Py_ssize_t size)
 {
-    slot_t *slots = PyMem_Calloc((size_t)size, sizeof(slot_t));
+    uint64_t *slots = PyMem_Calloc((size_t)size, sizeof(uint64_t));
     if (slots == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -203,13 +212,13 @@ table_resize(CountsObject *self, Py_ssize_t size)
     Py_ssize_t mask = size - 1;
     if (self->slots != NULL) {
         for (Py_ssize_t i = 0; i <= self->mask; i++) {
-            slot_t *old = &self->slots[i];
-            if (!old->hash)
+            uint64_t slot = self->slots[i];
+            if (!slot)
                 continue;
-            Py_ssize_t j = (Py_ssize_t)(old->hash & (uint64_t)mask);
-            while (slots[j].hash)
+            Py_ssize_t j = (Py_ssize_t)(slot_entry(self, slot)->hash & (uint64_t)mask);
+            while (slots[j])
                 j = (j + 1) & mask;
-            slots[j] = *old;
+            slots[j] = slot;
         }
         PyMem_Free(self->slots);
     }
@@ -218,30 +227,64 @@ table_resize(CountsObject *self, Py_ssize_t size)
     return 0;
 }
 
+static inline uint64_t
+word_at(const char *p)
+{
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
+/* memcmp(a, b, n) == 0 without a call: names are short. */
+static inline int
+same_bytes(const char *a, const char *b, Py_ssize_t n)
+{
+    if (n < 8) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i + 8 < n; i += 8)
+        if (word_at(a + i) != word_at(b + i))
+            return 0;
+    return word_at(a + n - 8) == word_at(b + n - 8); /* the last 8, overlapping */
+}
+
 static int
 count_hashed(CountsObject *self, const char *name, Py_ssize_t len, long long points, uint64_t h)
 {
+    uint64_t tag = h & 0xFFFFFFFF00000000ULL;
     Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)self->mask);
     for (;;) {
-        slot_t *s = &self->slots[j];
-        if (!s->hash)
+        uint64_t slot = self->slots[j];
+        if (!slot)
             break;
-        if (s->hash == h && s->len == len && memcmp(self->names + s->at, name, (size_t)len) == 0) {
-            s->count += points;
-            self->points += points;
-            return 0;
+        if ((slot & 0xFFFFFFFF00000000ULL) == tag) {
+            entry_t *e = slot_entry(self, slot);
+            if (e->len == len && same_bytes(e->name, name, len)) {
+                e->count += points;
+                self->points += points;
+                return 0;
+            }
         }
         j = (j + 1) & self->mask;
     }
-    if (GROW(self->names, self->names_cap, self->names_len + len) < 0)
+    size_t size = ENTRY_SIZE(len);
+    Py_ssize_t at = self->arena_len;
+    if (len > (Py_ssize_t)UINT32_MAX || (uint64_t)(at + size) / 8 >= UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "too many or too long metric names");
         return -1;
-    memcpy(self->names + self->names_len, name, (size_t)len);
-    slot_t *s = &self->slots[j];
-    s->hash = h;
-    s->at = self->names_len;
-    s->len = len;
-    s->count = points;
-    self->names_len += len;
+    }
+    if (GROW(self->arena, self->arena_cap, at + (Py_ssize_t)size) < 0)
+        return -1;
+    entry_t *e = (entry_t *)(self->arena + at);
+    e->count = points;
+    e->len = (uint32_t)len;
+    e->hash = (uint32_t)h;
+    memcpy(e->name, name, (size_t)len);
+    self->arena_len = at + (Py_ssize_t)size;
+    self->slots[j] = tag | (uint64_t)(at / 8 + 1);
     self->points += points;
     if (++self->used * 2 > self->mask + 1)
         return table_resize(self, (self->mask + 1) * 2);
@@ -259,11 +302,12 @@ flush_names(CountsObject *self)
 {
     int n = self->queued;
     self->queued = 0;
-    /* the slots are in cache by now: fetch the names they hold next */
+    /* the slots are in cache by now: fetch the entries they point at next */
     for (int i = 0; i < n; i++) {
-        slot_t *slot = &self->slots[self->queue[i].hash & (uint64_t)self->mask];
-        if (slot->hash == self->queue[i].hash)
-            __builtin_prefetch(self->names + slot->at);
+        uint64_t h = self->queue[i].hash;
+        uint64_t slot = self->slots[h & (uint64_t)self->mask];
+        if (slot && (slot ^ h) >> 32 == 0)
+            __builtin_prefetch(slot_entry(self, slot));
     }
     for (int i = 0; i < n; i++) {
         queued_t *q = &self->queue[i];
@@ -361,6 +405,22 @@ name_end(const char *p, const char *end, int statsd)
     return p;
 }
 
+/* The first '\n' from p on, or end: eight bytes at a time (what follows a
+ * line's name is a few bytes, a call to memchr costs more). */
+static inline const char *
+next_newline(const char *p, const char *end)
+{
+    while (end - p >= 8) {
+        uint64_t m = equal_to(word_at(p), '\n');
+        if (m)
+            return p + (__builtin_ctzll(m) >> 3);
+        p += 8;
+    }
+    while (p < end && *p != '\n')
+        p++;
+    return p;
+}
+
 static int
 count_text(CountsObject *self, const char *p, Py_ssize_t n)
 {
@@ -374,8 +434,8 @@ count_text(CountsObject *self, const char *p, Py_ssize_t n)
             if (queue_name(self, p, q - p, 1) < 0)
                 return -1;
             if (q < end && *q != '\n')
-                q = memchr(q, '\n', (size_t)(end - q));
-            p = (q == NULL || q == end) ? end : q + 1;
+                q = next_newline(q, end);
+            p = q == end ? end : q + 1;
             continue;
         }
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -1603,12 +1663,11 @@ counts_items(CountsObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *result = PyDict_New();
     if (result == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i <= self->mask; i++) {
-        slot_t *s = &self->slots[i];
-        if (!s->hash)
-            continue;
-        PyObject *name = PyBytes_FromStringAndSize(self->names + s->at, s->len);
-        PyObject *count = PyLong_FromLongLong(s->count);
+    for (Py_ssize_t at = 0; at < self->arena_len;) {
+        entry_t *e = (entry_t *)(self->arena + at);
+        at += (Py_ssize_t)ENTRY_SIZE(e->len);
+        PyObject *name = PyBytes_FromStringAndSize(e->name, e->len);
+        PyObject *count = PyLong_FromLongLong(e->count);
         if (name == NULL || count == NULL || PyDict_SetItem(result, name, count) < 0) {
             Py_XDECREF(name);
             Py_XDECREF(count);
@@ -1644,7 +1703,7 @@ static void
 counts_dealloc(CountsObject *self)
 {
     PyMem_Free(self->slots);
-    PyMem_Free(self->names);
+    PyMem_Free(self->arena);
     PyMem_Free(self->carry);
     PyMem_Free(self->vals);
     PyMem_Free(self->items);
