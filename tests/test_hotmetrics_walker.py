@@ -225,3 +225,19 @@ def test_the_walker_refuses_what_it_cannot_use():
         walker.walk(record, 0, False, 1)
     with pytest.raises(ValueError, match="offset"):
         walker.walk(record, len(record) + 1, False, 1)
+
+
+def test_prefixes_and_ranking_in_c_are_pythons(monkeypatch):
+    rng = random.Random(3)
+    fields = [b"a", b"bb", b"", b"caf\xc3\xa9", b"\xff", b"x y"]
+    counts = Counter()
+    for _ in range(3000):
+        name = b".".join(rng.choice(fields) for _ in range(rng.randint(1, 5)))
+        counts[name] += rng.choice([1, 1, 2, 7, 2**40])
+    in_c = {(d, limit): (hotmetrics._prefix_counts(counts, d), hotmetrics._top(counts, limit))
+            for d in (1, 2, 3, 9) for limit in (0, 1, 20, 10**6)}  # fmt: skip
+    monkeypatch.setattr(hotmetrics, "_hotcount", None)
+    for (depth, limit), (prefixes, ranked) in in_c.items():
+        assert prefixes == hotmetrics._prefix_counts(counts, depth)
+        assert ranked == hotmetrics._top(counts, limit)
+    assert hotmetrics._top(Counter(), 0) == []

@@ -1650,7 +1650,70 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------ ranking */
+
+typedef struct {
+    PyObject *name, *count; /* borrowed from the mapping */
+    long long points;
+} ranked_t;
+
+/* Most points first, equal points by name (bytes order). */
+static int
+ranked_order(const void *a, const void *b)
+{
+    const ranked_t *x = a, *y = b;
+    if (x->points != y->points)
+        return x->points > y->points ? -1 : 1;
+    Py_ssize_t nx = PyBytes_GET_SIZE(x->name), ny = PyBytes_GET_SIZE(y->name);
+    int order = memcmp(PyBytes_AS_STRING(x->name), PyBytes_AS_STRING(y->name),
+                       (size_t)(nx < ny ? nx : ny));
+    return order ? order : (nx > ny) - (nx < ny);
+}
+
+/* top(mapping, limit) -> [(name, points), ...]: heapq.nsmallest(limit, items,
+ * key=(-points, name)), all of them sorted when limit is 0. */
+static PyObject *
+top(PyObject *module, PyObject *args)
+{
+    PyObject *mapping, *key, *value, *result = NULL;
+    Py_ssize_t limit, pos = 0, n = 0;
+    if (!PyArg_ParseTuple(args, "O!n:top", &PyDict_Type, &mapping, &limit))
+        return NULL;
+    Py_ssize_t size = PyDict_Size(mapping);
+    ranked_t *items = PyMem_Malloc((size_t)(size ? size : 1) * sizeof(ranked_t));
+    if (items == NULL)
+        return PyErr_NoMemory();
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "names must be bytes");
+            goto done;
+        }
+        long long points = PyLong_AsLongLong(value);
+        if (points == -1 && PyErr_Occurred())
+            goto done;
+        items[n].name = key;
+        items[n].count = value;
+        items[n++].points = points;
+    }
+    qsort(items, (size_t)n, sizeof(ranked_t), ranked_order);
+    if (limit)
+        n = limit < 0 ? 0 : (limit < n ? limit : n);
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyObject *pair = PyTuple_Pack(2, items[i].name, items[i].count);
+        if (pair == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, pair);
+    }
+done:
+    PyMem_Free(items);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"top", top, METH_VARARGS,
+     "top(mapping, limit) -> [(name, points)]: most points first, then by name; all if 0"},
     {"record_starts", record_starts, METH_VARARGS,
      "record_starts(data, big_endian) -> (int64 frame starts, end of the whole records)"},
     {"join_spans", join_spans, METH_VARARGS,
@@ -1681,6 +1744,41 @@ counts_items(CountsObject *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(count);
     }
     return result;
+}
+
+/* add_prefixes(mapping, depth): each name's first `depth` dot-separated fields
+ * (b".".join(name.split(b".", depth)[:depth])) counted with the name's points. */
+static PyObject *
+counts_add_prefixes(CountsObject *self, PyObject *args)
+{
+    PyObject *mapping, *key, *value;
+    Py_ssize_t depth, pos = 0;
+    if (!PyArg_ParseTuple(args, "O!n:add_prefixes", &PyDict_Type, &mapping, &depth))
+        return NULL;
+    if (depth < 1) {
+        PyErr_SetString(PyExc_ValueError, "depth must be at least 1");
+        return NULL;
+    }
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "names must be bytes");
+            return NULL;
+        }
+        long long points = PyLong_AsLongLong(value);
+        if (points == -1 && PyErr_Occurred())
+            return NULL;
+        const char *name = PyBytes_AS_STRING(key);
+        Py_ssize_t n = PyBytes_GET_SIZE(key), end = n, dots = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (name[i] == '.' && ++dots == depth) {
+                end = i;
+                break;
+            }
+        }
+        if (count_name(self, name, end, points) < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1728,6 +1826,8 @@ static PyMethodDef counts_methods[] = {
      "add_segments(prefix, buffer, begins, ends) -> the bytes after the stream's last newline"},
     {"add_pickle_frames", (PyCFunction)counts_add_pickle_frames, METH_VARARGS,
      "add_pickle_frames(data, offset, max_name, max_output) -> (offset, unknown, invalid)"},
+    {"add_prefixes", (PyCFunction)counts_add_prefixes, METH_VARARGS,
+     "add_prefixes(mapping, depth): each name's first depth fields counted with its points"},
     {"items", (PyCFunction)counts_items, METH_NOARGS, "items() -> {name: points}"},
     {NULL, NULL, 0, NULL},
 };

@@ -771,15 +771,32 @@ def _summed(first: Mapping[bytes, int], second: Mapping[bytes, int]) -> Counter[
     return summed
 
 
-def _prefix_counts(counts: Mapping[bytes, int], depth: int) -> Counter[bytes]:
-    """Points per name prefix: the first `depth` dot-separated fields of the names."""
-    prefixes: Counter[bytes] = Counter()
-    get = prefixes.get
+def _prefix_counts(counts: Mapping[bytes, int], depth: int) -> Mapping[bytes, int]:
+    """Points per name prefix: the first `depth` dot-separated fields of the names (in
+    C when built: _hotcount.Counts.add_prefixes, tested equal)."""
+    if _hotcount is not None and depth >= 1:
+        prefixes = _hotcount.Counts()
+        prefixes.add_prefixes(counts, depth)
+        return prefixes.items()
+    summed: Counter[bytes] = Counter()
+    get = summed.get
     join = b".".join
     for name, count in counts.items():
         prefix = join(name.split(b".", depth)[:depth])
-        prefixes[prefix] = get(prefix, 0) + count
-    return prefixes
+        summed[prefix] = get(prefix, 0) + count
+    return summed
+
+
+def _top(counts: Mapping[bytes, int], limit: int) -> list[tuple[bytes, int]]:
+    """(name, points), most points first, equal points by name; the first `limit`, all
+    when it is 0 (in C when built: _hotcount.top, tested equal)."""
+    if _hotcount is not None and isinstance(counts, dict):
+        return _hotcount.top(counts, limit)
+    # (the top ones by a heap: sorting every name costs more than the count)
+    order = _most_points_first
+    if limit:
+        return heapq.nsmallest(limit, counts.items(), order)
+    return sorted(counts.items(), key=order)
 
 
 def analyse(
@@ -803,16 +820,9 @@ def analyse(
     counts = _summed(carbon, statsd)
     prefixes = _prefix_counts(counts, prefix_depth)
 
-    def ranked(counter: Counter, limit: int) -> list[list]:
+    def ranked(counts: Mapping[bytes, int], limit: int) -> list[list]:
         # Most points first; equal counts by name, whatever order the points came in.
-        # (the top ones by a heap: sorting every name costs more than the count)
-        order = _most_points_first
-        items = (
-            heapq.nsmallest(limit, counter.items(), order)
-            if limit
-            else sorted(counter.items(), key=order)
-        )
-        return [[n.decode("utf-8", "replace"), c, c / span] for n, c in items]
+        return [[n.decode("utf-8", "replace"), c, c / span] for n, c in _top(counts, limit)]
 
     report = {
         "seconds": span,
