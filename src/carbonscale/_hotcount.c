@@ -1,10 +1,10 @@
 /*
  * carbonscale._hotcount: points per metric name for `carbonscale ops hot-metrics`.
  *
- * The Python twin is carbonscale.ops.hotmetrics' own path (line text collected
- * in chunks and counted by carbonscale.ops.namecount, pickle frames decoded by
- * the pickle relay's carbonscale.relay.lines.decode_frame); the tests check
- * both, and dpkt's full decode, give the same report. Per point, Python costs
+ * The Python twin is carbonscale.ops.hotmetrics' own path (its bulk path, line
+ * text collected in chunks and counted by carbonscale.ops.namecount, pickle
+ * frames decoded by the pickle relay's carbonscale.relay.lines.decode_frame);
+ * the tests check both, and dpkt's full decode, give the same report. Per point, Python costs
  * more than a whole packet may (the goal is 500,000 packets/s on one core).
  *
  * Counts(statsd) counts names in an exact hash table (names compared by their
@@ -33,7 +33,15 @@
  *                               again after it) or at the first incomplete
  *                               one (unknown: False). invalid: the points
  *                               decode_frame would have skipped.
+ *   add_prefixes(mapping, depth) each name of a {name: points} mapping counted
+ *                               under its first depth dot-separated fields
  *   items() -> dict {name: points};  points: all points counted
+ *
+ * top(mapping, limit) ranks a {name: points} mapping: most points first, equal
+ * points by name, the first limit (all when 0).
+ *
+ * Walker (below) walks a whole classic pcap, TCP streams included, into three
+ * Counts (line, pickle, statsd): see its own comment.
  *
  * The pickle decoder is a small pickle machine for what carbon's senders
  * write with protocols 0 to 2 (and the common protocol 4 opcodes): marks,
