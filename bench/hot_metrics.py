@@ -23,7 +23,9 @@ carbon's senders batch them), then times, in the same run and on the same file:
   per connection, names counted by hash with numpy, pickle frames through the
   pickle relay's decoder;
 - ours: decode_capture + analyse as `carbonscale ops hot-metrics --pcap` runs them:
-  the bulk path with names and pickle frames counted in C (carbonscale._hotcount).
+  the file mapped in memory and walked in C (carbonscale._hotcount.Walker: records,
+  headers, TCP stream order, names and pickle frames counted), prefixes summed and
+  names ranked in C.
 
 Each timing is the best of --runs (--reference-runs for the full decode, which is
 slow), wall clock and CPU time of this process: the machine is shared, and CPU

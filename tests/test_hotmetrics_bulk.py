@@ -52,8 +52,9 @@ def ipv4(client: int, sport: int, dport: int, payload: bytes = b"", seq: int | N
     return bytes(dpkt.ethernet.Ethernet(src=MAC, dst=MAC, type=0x0800, data=ip))
 
 
-def ipv6(client: int, sport: int, dport: int, payload: bytes, seq: int | None = None) -> bytes:
-    proto, transport = _transport(sport, dport, payload, seq, dpkt.tcp.TH_ACK)
+def ipv6(client: int, sport: int, dport: int, payload: bytes, seq: int | None = None,
+         flags: int = dpkt.tcp.TH_ACK) -> bytes:  # fmt: skip
+    proto, transport = _transport(sport, dport, payload, seq, flags)
     ip = dpkt.ip6.IP6(src=bytes(15) + bytes([client]), dst=RELAY6, nxt=proto, p=proto,
                       hlim=64, data=transport)  # fmt: skip
     ip.plen = len(transport)

@@ -1,10 +1,10 @@
 /*
  * carbonscale._hotcount: points per metric name for `carbonscale ops hot-metrics`.
  *
- * The Python twin is carbonscale.ops.hotmetrics' own path (line text collected
- * in chunks and counted by carbonscale.ops.namecount, pickle frames decoded by
- * the pickle relay's carbonscale.relay.lines.decode_frame); the tests check
- * both, and dpkt's full decode, give the same report. Per point, Python costs
+ * The Python twin is carbonscale.ops.hotmetrics' own path (its bulk path, line
+ * text collected in chunks and counted by carbonscale.ops.namecount, pickle
+ * frames decoded by the pickle relay's carbonscale.relay.lines.decode_frame);
+ * the tests check both, and dpkt's full decode, give the same report. Per point, Python costs
  * more than a whole packet may (the goal is 500,000 packets/s on one core).
  *
  * Counts(statsd) counts names in an exact hash table (names compared by their
@@ -33,7 +33,15 @@
  *                               again after it) or at the first incomplete
  *                               one (unknown: False). invalid: the points
  *                               decode_frame would have skipped.
+ *   add_prefixes(mapping, depth) each name of a {name: points} mapping counted
+ *                               under its first depth dot-separated fields
  *   items() -> dict {name: points};  points: all points counted
+ *
+ * top(mapping, limit) ranks a {name: points} mapping: most points first, equal
+ * points by name, the first limit (all when 0).
+ *
+ * Walker (below) walks a whole classic pcap, TCP streams included, into three
+ * Counts (line, pickle, statsd): see its own comment.
  *
  * The pickle decoder is a small pickle machine for what carbon's senders
  * write with protocols 0 to 2 (and the common protocol 4 opcodes): marks,
@@ -80,12 +88,16 @@ grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t item)
 
 /* ------------------------------------------------------------ the name table */
 
+/* A name's entry in the arena: its count and bytes together (one cache line
+ * for most names), 8-byte aligned. */
 typedef struct {
-    uint64_t hash; /* 0: empty slot */
-    Py_ssize_t at; /* the name's bytes in `names` */
-    Py_ssize_t len;
     long long count;
-} slot_t;
+    uint32_t len;
+    uint32_t hash; /* the low half of the name's hash: where its slot is */
+    char name[];
+} entry_t;
+
+#define ENTRY_SIZE(len) ((sizeof(entry_t) + (size_t)(len) + 7) & ~(size_t)7)
 
 /* Pickle machine values. */
 enum { V_OTHER, V_INT, V_FLOAT, V_STR, V_BYTES, V_TUPLE, V_LIST };
@@ -134,10 +146,13 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int statsd;
-    slot_t *slots;
-    Py_ssize_t mask, used; /* slots: mask + 1 */
-    char *names;
-    Py_ssize_t names_len, names_cap;
+    /* slots: mask + 1, each the high half of its name's hash << 32 | (the
+     * entry's offset in the arena / 8 + 1), 0 when empty: small enough to stay
+     * in the caches, and a name is compared only when its hash's high half is. */
+    uint64_t *slots;
+    Py_ssize_t mask, used;
+    char *arena; /* entries */
+    Py_ssize_t arena_len, arena_cap;
     long long points;
     char *carry; /* add_segments' line crossing segments */
     Py_ssize_t carry_len, carry_cap;
@@ -180,14 +195,24 @@ hash_name(const char *s, Py_ssize_t n)
     uint64_t w = 0;
     memcpy(&w, s, (size_t)n);
     h = (h ^ w) * 0x94D049BB133111EBULL;
-    h ^= h >> 29;
+    /* A product's high bits depend on all of its factors' bits, its low bits on
+     * their low bits only: the high half folded into the low one, or the slot
+     * (the low bits) would never see the high bytes of the words, and names
+     * that differ there would share probe chains. */
+    h ^= h >> 32;
     return h ? h : 1;
+}
+
+static inline entry_t *
+slot_entry(const CountsObject *self, uint64_t slot)
+{
+    return (entry_t *)(self->arena + ((slot & 0xFFFFFFFFU) - 1) * 8);
 }
 
 static int
 table_resize(CountsObject *self, Py_ssize_t size)
 {
-    slot_t *slots = PyMem_Calloc((size_t)size, sizeof(slot_t));
+    uint64_t *slots = PyMem_Calloc((size_t)size, sizeof(uint64_t));
     if (slots == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -195,13 +220,13 @@ table_resize(CountsObject *self, Py_ssize_t size)
     Py_ssize_t mask = size - 1;
     if (self->slots != NULL) {
         for (Py_ssize_t i = 0; i <= self->mask; i++) {
-            slot_t *old = &self->slots[i];
-            if (!old->hash)
+            uint64_t slot = self->slots[i];
+            if (!slot)
                 continue;
-            Py_ssize_t j = (Py_ssize_t)(old->hash & (uint64_t)mask);
-            while (slots[j].hash)
+            Py_ssize_t j = (Py_ssize_t)(slot_entry(self, slot)->hash & (uint64_t)mask);
+            while (slots[j])
                 j = (j + 1) & mask;
-            slots[j] = *old;
+            slots[j] = slot;
         }
         PyMem_Free(self->slots);
     }
@@ -210,30 +235,64 @@ table_resize(CountsObject *self, Py_ssize_t size)
     return 0;
 }
 
+static inline uint64_t
+word_at(const char *p)
+{
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return w;
+}
+
+/* memcmp(a, b, n) == 0 without a call: names are short. */
+static inline int
+same_bytes(const char *a, const char *b, Py_ssize_t n)
+{
+    if (n < 8) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (a[i] != b[i])
+                return 0;
+        return 1;
+    }
+    for (Py_ssize_t i = 0; i + 8 < n; i += 8)
+        if (word_at(a + i) != word_at(b + i))
+            return 0;
+    return word_at(a + n - 8) == word_at(b + n - 8); /* the last 8, overlapping */
+}
+
 static int
 count_hashed(CountsObject *self, const char *name, Py_ssize_t len, long long points, uint64_t h)
 {
+    uint64_t tag = h & 0xFFFFFFFF00000000ULL;
     Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)self->mask);
     for (;;) {
-        slot_t *s = &self->slots[j];
-        if (!s->hash)
+        uint64_t slot = self->slots[j];
+        if (!slot)
             break;
-        if (s->hash == h && s->len == len && memcmp(self->names + s->at, name, (size_t)len) == 0) {
-            s->count += points;
-            self->points += points;
-            return 0;
+        if ((slot & 0xFFFFFFFF00000000ULL) == tag) {
+            entry_t *e = slot_entry(self, slot);
+            if (e->len == len && same_bytes(e->name, name, len)) {
+                e->count += points;
+                self->points += points;
+                return 0;
+            }
         }
         j = (j + 1) & self->mask;
     }
-    if (GROW(self->names, self->names_cap, self->names_len + len) < 0)
+    size_t size = ENTRY_SIZE(len);
+    Py_ssize_t at = self->arena_len;
+    if (len > (Py_ssize_t)UINT32_MAX || (uint64_t)(at + size) / 8 >= UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "too many or too long metric names");
         return -1;
-    memcpy(self->names + self->names_len, name, (size_t)len);
-    slot_t *s = &self->slots[j];
-    s->hash = h;
-    s->at = self->names_len;
-    s->len = len;
-    s->count = points;
-    self->names_len += len;
+    }
+    if (GROW(self->arena, self->arena_cap, at + (Py_ssize_t)size) < 0)
+        return -1;
+    entry_t *e = (entry_t *)(self->arena + at);
+    e->count = points;
+    e->len = (uint32_t)len;
+    e->hash = (uint32_t)h;
+    memcpy(e->name, name, (size_t)len);
+    self->arena_len = at + (Py_ssize_t)size;
+    self->slots[j] = tag | (uint64_t)(at / 8 + 1);
     self->points += points;
     if (++self->used * 2 > self->mask + 1)
         return table_resize(self, (self->mask + 1) * 2);
@@ -251,11 +310,12 @@ flush_names(CountsObject *self)
 {
     int n = self->queued;
     self->queued = 0;
-    /* the slots are in cache by now: fetch the names they hold next */
+    /* the slots are in cache by now: fetch the entries they point at next */
     for (int i = 0; i < n; i++) {
-        slot_t *slot = &self->slots[self->queue[i].hash & (uint64_t)self->mask];
-        if (slot->hash == self->queue[i].hash)
-            __builtin_prefetch(self->names + slot->at);
+        uint64_t h = self->queue[i].hash;
+        uint64_t slot = self->slots[h & (uint64_t)self->mask];
+        if (slot && (slot ^ h) >> 32 == 0)
+            __builtin_prefetch(slot_entry(self, slot));
     }
     for (int i = 0; i < n; i++) {
         queued_t *q = &self->queue[i];
@@ -353,6 +413,22 @@ name_end(const char *p, const char *end, int statsd)
     return p;
 }
 
+/* The first '\n' from p on, or end: eight bytes at a time (what follows a
+ * line's name is a few bytes, a call to memchr costs more). */
+static inline const char *
+next_newline(const char *p, const char *end)
+{
+    while (end - p >= 8) {
+        uint64_t m = equal_to(word_at(p), '\n');
+        if (m)
+            return p + (__builtin_ctzll(m) >> 3);
+        p += 8;
+    }
+    while (p < end && *p != '\n')
+        p++;
+    return p;
+}
+
 static int
 count_text(CountsObject *self, const char *p, Py_ssize_t n)
 {
@@ -366,8 +442,8 @@ count_text(CountsObject *self, const char *p, Py_ssize_t n)
             if (queue_name(self, p, q - p, 1) < 0)
                 return -1;
             if (q < end && *q != '\n')
-                q = memchr(q, '\n', (size_t)(end - q));
-            p = (q == NULL || q == end) ? end : q + 1;
+                q = next_newline(q, end);
+            p = q == end ? end : q + 1;
             continue;
         }
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -1131,7 +1207,10 @@ walk_points(CountsObject *self, Py_ssize_t top, Py_ssize_t max_name, Py_ssize_t 
  *
  * Anything else is UNKNOWN here and goes to the general machine (run_pickle). */
 
-static fmemo_t *
+/* Called three times per point: inlined. */
+#define HOT static inline __attribute__((always_inline))
+
+HOT fmemo_t *
 fmemo_at(CountsObject *self, const unsigned char **pp, const unsigned char *end, int get,
          Py_ssize_t limit)
 {
@@ -1193,7 +1272,7 @@ is_get(unsigned char op)
 }
 
 /* 1 a number relay.lines writes (as a timestamp or as a value), 0 one it skips. */
-static int
+HOT int
 fast_number(const unsigned char **pp, const unsigned char *end, int timestamp)
 {
     const unsigned char *p = *pp;
@@ -1435,6 +1514,39 @@ fast_frame(CountsObject *self, const unsigned char *p, Py_ssize_t n, Py_ssize_t 
     return UNKNOWN;
 }
 
+/* One whole frame's points queued (names point into the frame: flush before it
+ * goes); *invalid the points decode_frame would skip. UNKNOWN: nothing queued,
+ * the frame is the pickle relay's decoder's to read. */
+static int
+count_frame(CountsObject *self, const unsigned char *frame, Py_ssize_t length, Py_ssize_t max_name,
+            Py_ssize_t max_output, long long *invalid)
+{
+    Py_ssize_t top = -1;
+    long long frame_invalid = 0;
+    int rc = fast_frame(self, frame, length, max_name, max_output, &frame_invalid);
+    if (rc == UNKNOWN) {
+        frame_invalid = 0;
+        rc = run_pickle(self, frame, length, &top);
+        if (rc == KNOWN)
+            rc = walk_points(self, top, max_name, max_output, &frame_invalid);
+    }
+    if (rc != KNOWN)
+        return rc;
+    for (Py_ssize_t i = 0; i < self->pending_len; i++) {
+        pending_t *pe = &self->pending[i];
+        if (queue_name(self, pe->name, pe->len, pe->points) < 0)
+            return FAILED;
+    }
+    *invalid += frame_invalid;
+    return KNOWN;
+}
+
+static inline Py_ssize_t
+frame_length(const unsigned char *p)
+{
+    return (Py_ssize_t)((uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]);
+}
+
 static PyObject *
 counts_add_pickle_frames(CountsObject *self, PyObject *args)
 {
@@ -1446,45 +1558,26 @@ counts_add_pickle_frames(CountsObject *self, PyObject *args)
     const unsigned char *buf = data.buf;
     Py_ssize_t size = data.len;
     long long invalid = 0;
-    int unknown = 0;
+    int unknown = 0, rc = KNOWN;
     if (offset < 0)
         offset = size;
     while (size - offset >= 4) {
-        Py_ssize_t length = (Py_ssize_t)(((uint64_t)buf[offset] << 24) | (buf[offset + 1] << 16) |
-                                         (buf[offset + 2] << 8) | buf[offset + 3]);
+        Py_ssize_t length = frame_length(buf + offset);
         if (size - offset - 4 < length)
             break;
-        Py_ssize_t top = -1;
-        long long frame_invalid = 0;
-        int rc = fast_frame(self, buf + offset + 4, length, max_name, max_output, &frame_invalid);
-        if (rc == UNKNOWN) {
-            frame_invalid = 0;
-            rc = run_pickle(self, buf + offset + 4, length, &top);
-            if (rc == KNOWN)
-                rc = walk_points(self, top, max_name, max_output, &frame_invalid);
-        }
-        if (rc == FAILED) {
-            PyBuffer_Release(&data);
-            return NULL;
-        }
-        if (rc == UNKNOWN) {
-            unknown = 1;
+        rc = count_frame(self, buf + offset + 4, length, max_name, max_output, &invalid);
+        if (rc != KNOWN)
             break;
-        }
-        for (Py_ssize_t i = 0; i < self->pending_len; i++) {
-            pending_t *pe = &self->pending[i];
-            if (queue_name(self, pe->name, pe->len, pe->points) < 0) {
-                self->queued = 0;
-                PyBuffer_Release(&data);
-                return NULL;
-            }
-        }
-        invalid += frame_invalid;
         offset += 4 + length;
     }
-    int flushed = flush_names(self);
+    if (rc == UNKNOWN)
+        unknown = 1;
+    if (rc == FAILED)
+        self->queued = 0;
+    else if (flush_names(self) < 0)
+        rc = FAILED;
     PyBuffer_Release(&data);
-    if (flushed < 0)
+    if (rc == FAILED)
         return NULL;
     return Py_BuildValue("(nNL)", offset, PyBool_FromLong(unknown), invalid);
 }
@@ -1565,7 +1658,70 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------ ranking */
+
+typedef struct {
+    PyObject *name, *count; /* borrowed from the mapping */
+    long long points;
+} ranked_t;
+
+/* Most points first, equal points by name (bytes order). */
+static int
+ranked_order(const void *a, const void *b)
+{
+    const ranked_t *x = a, *y = b;
+    if (x->points != y->points)
+        return x->points > y->points ? -1 : 1;
+    Py_ssize_t nx = PyBytes_GET_SIZE(x->name), ny = PyBytes_GET_SIZE(y->name);
+    int order = memcmp(PyBytes_AS_STRING(x->name), PyBytes_AS_STRING(y->name),
+                       (size_t)(nx < ny ? nx : ny));
+    return order ? order : (nx > ny) - (nx < ny);
+}
+
+/* top(mapping, limit) -> [(name, points), ...]: heapq.nsmallest(limit, items,
+ * key=(-points, name)), all of them sorted when limit is 0. */
+static PyObject *
+top(PyObject *module, PyObject *args)
+{
+    PyObject *mapping, *key, *value, *result = NULL;
+    Py_ssize_t limit, pos = 0, n = 0;
+    if (!PyArg_ParseTuple(args, "O!n:top", &PyDict_Type, &mapping, &limit))
+        return NULL;
+    Py_ssize_t size = PyDict_Size(mapping);
+    ranked_t *items = PyMem_Malloc((size_t)(size ? size : 1) * sizeof(ranked_t));
+    if (items == NULL)
+        return PyErr_NoMemory();
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "names must be bytes");
+            goto done;
+        }
+        long long points = PyLong_AsLongLong(value);
+        if (points == -1 && PyErr_Occurred())
+            goto done;
+        items[n].name = key;
+        items[n].count = value;
+        items[n++].points = points;
+    }
+    qsort(items, (size_t)n, sizeof(ranked_t), ranked_order);
+    if (limit)
+        n = limit < 0 ? 0 : (limit < n ? limit : n);
+    result = PyList_New(n);
+    for (Py_ssize_t i = 0; result != NULL && i < n; i++) {
+        PyObject *pair = PyTuple_Pack(2, items[i].name, items[i].count);
+        if (pair == NULL)
+            Py_CLEAR(result);
+        else
+            PyList_SET_ITEM(result, i, pair);
+    }
+done:
+    PyMem_Free(items);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"top", top, METH_VARARGS,
+     "top(mapping, limit) -> [(name, points)]: most points first, then by name; all if 0"},
     {"record_starts", record_starts, METH_VARARGS,
      "record_starts(data, big_endian) -> (int64 frame starts, end of the whole records)"},
     {"join_spans", join_spans, METH_VARARGS,
@@ -1581,12 +1737,11 @@ counts_items(CountsObject *self, PyObject *Py_UNUSED(ignored))
     PyObject *result = PyDict_New();
     if (result == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i <= self->mask; i++) {
-        slot_t *s = &self->slots[i];
-        if (!s->hash)
-            continue;
-        PyObject *name = PyBytes_FromStringAndSize(self->names + s->at, s->len);
-        PyObject *count = PyLong_FromLongLong(s->count);
+    for (Py_ssize_t at = 0; at < self->arena_len;) {
+        entry_t *e = (entry_t *)(self->arena + at);
+        at += (Py_ssize_t)ENTRY_SIZE(e->len);
+        PyObject *name = PyBytes_FromStringAndSize(e->name, e->len);
+        PyObject *count = PyLong_FromLongLong(e->count);
         if (name == NULL || count == NULL || PyDict_SetItem(result, name, count) < 0) {
             Py_XDECREF(name);
             Py_XDECREF(count);
@@ -1597,6 +1752,41 @@ counts_items(CountsObject *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(count);
     }
     return result;
+}
+
+/* add_prefixes(mapping, depth): each name's first `depth` dot-separated fields
+ * (b".".join(name.split(b".", depth)[:depth])) counted with the name's points. */
+static PyObject *
+counts_add_prefixes(CountsObject *self, PyObject *args)
+{
+    PyObject *mapping, *key, *value;
+    Py_ssize_t depth, pos = 0;
+    if (!PyArg_ParseTuple(args, "O!n:add_prefixes", &PyDict_Type, &mapping, &depth))
+        return NULL;
+    if (depth < 1) {
+        PyErr_SetString(PyExc_ValueError, "depth must be at least 1");
+        return NULL;
+    }
+    while (PyDict_Next(mapping, &pos, &key, &value)) {
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "names must be bytes");
+            return NULL;
+        }
+        long long points = PyLong_AsLongLong(value);
+        if (points == -1 && PyErr_Occurred())
+            return NULL;
+        const char *name = PyBytes_AS_STRING(key);
+        Py_ssize_t n = PyBytes_GET_SIZE(key), end = n, dots = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (name[i] == '.' && ++dots == depth) {
+                end = i;
+                break;
+            }
+        }
+        if (count_name(self, name, end, points) < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1622,7 +1812,7 @@ static void
 counts_dealloc(CountsObject *self)
 {
     PyMem_Free(self->slots);
-    PyMem_Free(self->names);
+    PyMem_Free(self->arena);
     PyMem_Free(self->carry);
     PyMem_Free(self->vals);
     PyMem_Free(self->items);
@@ -1644,6 +1834,8 @@ static PyMethodDef counts_methods[] = {
      "add_segments(prefix, buffer, begins, ends) -> the bytes after the stream's last newline"},
     {"add_pickle_frames", (PyCFunction)counts_add_pickle_frames, METH_VARARGS,
      "add_pickle_frames(data, offset, max_name, max_output) -> (offset, unknown, invalid)"},
+    {"add_prefixes", (PyCFunction)counts_add_prefixes, METH_VARARGS,
+     "add_prefixes(mapping, depth): each name's first depth fields counted with its points"},
     {"items", (PyCFunction)counts_items, METH_NOARGS, "items() -> {name: points}"},
     {NULL, NULL, 0, NULL},
 };
@@ -1665,6 +1857,829 @@ static PyTypeObject CountsType = {
     .tp_getset = counts_getset,
 };
 
+/* ------------------------------------------------------------ the capture walker */
+
+/* Walker(line, pickle, statsd, kinds, decode_frame, other_frame, max_name, max_output)
+ *
+ * A classic pcap's records from the first record header to the end of the file
+ * (an mmap of it), decoded here down to the points, with the same outcome as
+ * hotmetrics.Decoder's own path (its twin, tested equal):
+ *
+ *   walk(buffer, offset, big_endian, linktype)
+ *                               the records from offset on: a record whose data
+ *                               is cut off at the end is the bytes there are, a
+ *                               record header cut off is "truncated record at
+ *                               the end". The frames of plain IPv4 (no options,
+ *                               not a fragment) and IPv6 (no extension header)
+ *                               TCP and UDP behind Ethernet (one 802.1Q/802.1ad
+ *                               tag or none), Linux cooked v1/v2 or raw IP are
+ *                               decoded here; any other frame goes to
+ *                               other_frame(frame), dpkt's full decode, which
+ *                               counts its datagrams and returns its TCP
+ *                               segments as (src, sport, dst, dport, flags,
+ *                               seq, payload), fed to their streams here
+ *   stats() -> (packets, first, last, {reason: frames or points skipped})
+ *                               first and last: the (seconds, fraction) of the
+ *                               first and last record, None without records
+ *
+ * TCP streams are Decoder.tcp()'s: in sequence order, out-of-order segments held
+ * (MAX_PENDING per connection), retransmitted bytes dropped, a connection seen
+ * from its middle starts at its first newline (line) or is skipped (pickle), a
+ * SYN starts it again, a FIN or RST ends it. Pickle frames this file's decoder
+ * does not know for sure go to decode_frame(frame) -> (text, invalid points) or
+ * None when the frame is malformed (the pickle relay's decoder). */
+
+#define MAX_PENDING 256
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+
+enum { K_NONE, K_LINE, K_PICKLE, K_STATSD };
+enum {
+    S_OTHER_PORTS,
+    S_PICKLE_UDP,
+    S_GIVEN_UP,
+    S_MIDDLE,
+    S_MALFORMED,
+    S_INVALID,
+    S_TRUNCATED,
+    S_COUNT
+};
+static const char *const skip_reasons[S_COUNT] = {
+    "other ports",
+    "pickle over UDP",
+    "connections given up (lost segments)",
+    "pickle connections seen from their middle",
+    "malformed pickle frames",
+    "invalid pickle points",
+    "truncated record at the end",
+};
+
+typedef struct {
+    uint8_t alen; /* 4 or 16 */
+    uint8_t pad;
+    uint16_t sport, dport;
+    uint8_t src[16], dst[16];
+} flowkey_t;
+
+typedef struct {
+    uint32_t seq;
+    Py_ssize_t len;
+    char *data;
+} held_t;
+
+typedef struct {
+    flowkey_t key;
+    uint64_t hash;
+    int kind, synced;
+    uint32_t next_seq;
+    char *buf; /* bytes after the last whole line or frame */
+    Py_ssize_t buf_len, buf_cap;
+    held_t *held; /* segments ahead of next_seq */
+    Py_ssize_t held_len, held_cap;
+} stream_t;
+
+typedef struct {
+    PyObject_HEAD
+    CountsObject *counts[4]; /* by K_*: NULL, line, pickle, statsd */
+    unsigned char kinds[65536];
+    PyObject *decode_frame, *other_frame;
+    Py_ssize_t max_name, max_output;
+    stream_t **table; /* open addressing, linear probing, NULL: empty */
+    Py_ssize_t mask, used;
+    long long skipped[S_COUNT];
+    long long packets;
+    int stamped;
+    uint32_t first[2], last[2];
+    char *scratch; /* a stream's bytes joined out of order */
+    Py_ssize_t scratch_cap;
+} WalkerObject;
+
+static inline uint32_t
+rd16(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 8 | p[1];
+}
+
+static inline uint32_t
+rd32(const unsigned char *p, int big_endian)
+{
+    return big_endian ? (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]
+                      : (uint32_t)p[3] << 24 | (uint32_t)p[2] << 16 | (uint32_t)p[1] << 8 | p[0];
+}
+
+static int
+bytes_set(char **buf, Py_ssize_t *len, Py_ssize_t *cap, const char *p, Py_ssize_t n)
+{
+    if (GROW(*buf, *cap, n) < 0)
+        return -1;
+    memmove(*buf, p, (size_t)n);
+    *len = n;
+    return 0;
+}
+
+static int
+bytes_append(char **buf, Py_ssize_t *len, Py_ssize_t *cap, const char *p, Py_ssize_t n)
+{
+    if (GROW(*buf, *cap, *len + n) < 0)
+        return -1;
+    memcpy(*buf + *len, p, (size_t)n);
+    *len += n;
+    return 0;
+}
+
+static void
+held_clear(stream_t *s)
+{
+    for (Py_ssize_t i = 0; i < s->held_len; i++)
+        PyMem_Free(s->held[i].data);
+    s->held_len = 0;
+}
+
+static void
+stream_free(stream_t *s)
+{
+    held_clear(s);
+    PyMem_Free(s->held);
+    PyMem_Free(s->buf);
+    PyMem_Free(s);
+}
+
+/* ----- the connection table */
+
+static stream_t **
+flow_slot(WalkerObject *self, const flowkey_t *key, uint64_t h)
+{
+    Py_ssize_t j = (Py_ssize_t)(h & (uint64_t)self->mask);
+    for (;;) {
+        stream_t *s = self->table[j];
+        if (s == NULL || (s->hash == h && memcmp(&s->key, key, sizeof(*key)) == 0))
+            return &self->table[j];
+        j = (j + 1) & self->mask;
+    }
+}
+
+static int
+flows_resize(WalkerObject *self, Py_ssize_t size)
+{
+    stream_t **table = PyMem_Calloc((size_t)size, sizeof(stream_t *));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_ssize_t mask = size - 1;
+    for (Py_ssize_t i = 0; self->table != NULL && i <= self->mask; i++) {
+        stream_t *s = self->table[i];
+        if (s == NULL)
+            continue;
+        Py_ssize_t j = (Py_ssize_t)(s->hash & (uint64_t)mask);
+        while (table[j] != NULL)
+            j = (j + 1) & mask;
+        table[j] = s;
+    }
+    PyMem_Free(self->table);
+    self->table = table;
+    self->mask = mask;
+    return 0;
+}
+
+static stream_t *
+flow_add(WalkerObject *self, stream_t **slot, const flowkey_t *key, uint64_t h, int kind)
+{
+    stream_t *s = PyMem_Calloc(1, sizeof(stream_t));
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    s->key = *key;
+    s->hash = h;
+    s->kind = kind;
+    *slot = s;
+    if (++self->used * 2 > self->mask + 1 && flows_resize(self, (self->mask + 1) * 2) < 0)
+        return NULL; /* s stays in the old table, freed with it */
+    return s;
+}
+
+/* The slot emptied, the entries after it moved back (no tombstones). */
+static void
+flow_remove(WalkerObject *self, stream_t **slot)
+{
+    Py_ssize_t i = slot - self->table;
+    stream_free(self->table[i]);
+    self->table[i] = NULL;
+    self->used--;
+    Py_ssize_t j = i;
+    for (;;) {
+        j = (j + 1) & self->mask;
+        stream_t *s = self->table[j];
+        if (s == NULL)
+            return;
+        Py_ssize_t home = (Py_ssize_t)(s->hash & (uint64_t)self->mask);
+        /* s may move to i when its home is not cyclically within (i, j] */
+        if ((j > i && (home <= i || home > j)) || (j < i && home <= i && home > j)) {
+            self->table[i] = s;
+            self->table[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+/* ----- what a stream's bytes hold */
+
+/* Whole lines of text, counted now (p may go away after). */
+static int
+count_now(CountsObject *counts, const char *p, Py_ssize_t n)
+{
+    if (count_text(counts, p, n) < 0) {
+        counts->queued = 0;
+        return -1;
+    }
+    return flush_names(counts);
+}
+
+/* A frame the decoder here does not know: the pickle relay's decoder's.
+ * 1 counted, 0 malformed, -1 an error. */
+static int
+decode_in_python(WalkerObject *self, const unsigned char *frame, Py_ssize_t length)
+{
+    PyObject *result = PyObject_CallFunction(self->decode_frame, "y#", (const char *)frame,
+                                             length);
+    if (result == NULL)
+        return -1;
+    if (result == Py_None) {
+        Py_DECREF(result);
+        return 0;
+    }
+    const char *text;
+    Py_ssize_t n;
+    long long invalid;
+    if (!PyArg_ParseTuple(result, "y#L", &text, &n, &invalid) ||
+        count_now(self->counts[K_PICKLE], text, n) < 0) {
+        Py_DECREF(result);
+        return -1;
+    }
+    self->skipped[S_INVALID] += invalid;
+    Py_DECREF(result);
+    return 1;
+}
+
+/* Decoder._pickle_frames: the whole frames of data counted; the bytes left
+ * (after the last whole frame; none when the stream lost its frame bounds) go
+ * to the stream's buffer (data may be that buffer). */
+static int
+stream_frames(WalkerObject *self, stream_t *s, const char *data, Py_ssize_t size)
+{
+    CountsObject *counts = self->counts[K_PICKLE];
+    const unsigned char *buf = (const unsigned char *)data;
+    Py_ssize_t offset = 0;
+    if (!s->synced) {
+        self->skipped[S_MIDDLE]++;
+        s->buf_len = 0;
+        return 0;
+    }
+    while (size - offset >= 4) {
+        Py_ssize_t length = frame_length(buf + offset);
+        if (size - offset - 4 < length)
+            break;
+        long long invalid = 0;
+        int rc = count_frame(counts, buf + offset + 4, length, self->max_name, self->max_output,
+                             &invalid);
+        if (rc == FAILED) {
+            counts->queued = 0;
+            return -1;
+        }
+        if (rc == UNKNOWN) {
+            int known = decode_in_python(self, buf + offset + 4, length);
+            if (known < 0) {
+                counts->queued = 0;
+                return -1;
+            }
+            if (!known) {
+                self->skipped[S_MALFORMED]++;
+                s->synced = 0;
+                s->buf_len = 0;
+                return flush_names(counts);
+            }
+        }
+        self->skipped[S_INVALID] += invalid;
+        offset += 4 + length;
+    }
+    if (flush_names(counts) < 0)
+        return -1;
+    return bytes_set(&s->buf, &s->buf_len, &s->buf_cap, data + offset, size - offset);
+}
+
+static const char *
+last_newline(const char *p, Py_ssize_t n)
+{
+    for (const char *q = p + n; q > p; q--)
+        if (q[-1] == '\n')
+            return q - 1;
+    return NULL;
+}
+
+/* Decoder.in_order: the next segment of a synced stream, nothing held. Names
+ * of lines within payload are queued (payload must last until the flush). */
+static int
+stream_in_order(WalkerObject *self, stream_t *s, const char *p, Py_ssize_t n)
+{
+    s->next_seq += (uint32_t)n;
+    if (s->kind == K_PICKLE) {
+        if (s->buf_len) {
+            /* the frame the buffer begins, completed from the payload */
+            Py_ssize_t take = 4 - s->buf_len;
+            if (take > 0) {
+                take = take < n ? take : n;
+                if (bytes_append(&s->buf, &s->buf_len, &s->buf_cap, p, take) < 0)
+                    return -1;
+                p += take;
+                n -= take;
+                if (s->buf_len < 4)
+                    return 0;
+            }
+            take = 4 + frame_length((const unsigned char *)s->buf) - s->buf_len;
+            if (take > n)
+                return bytes_append(&s->buf, &s->buf_len, &s->buf_cap, p, n);
+            if (bytes_append(&s->buf, &s->buf_len, &s->buf_cap, p, take) < 0 ||
+                stream_frames(self, s, s->buf, s->buf_len) < 0)
+                return -1;
+            if (!s->synced) /* that frame was malformed: the rest is lost with it */
+                return 0;
+            p += take;
+            n -= take;
+        }
+        /* the frames after it counted where they lie; what follows them kept */
+        if (n < 4 || frame_length((const unsigned char *)p) + 4 > n)
+            return bytes_set(&s->buf, &s->buf_len, &s->buf_cap, p, n);
+        return stream_frames(self, s, p, n);
+    }
+    CountsObject *counts = self->counts[K_LINE];
+    const char *last = last_newline(p, n);
+    if (last == NULL)
+        return bytes_append(&s->buf, &s->buf_len, &s->buf_cap, p, n);
+    const char *from = p;
+    if (s->buf_len) { /* the line the buffer begins */
+        const char *nl = memchr(p, '\n', (size_t)n);
+        if (bytes_append(&s->buf, &s->buf_len, &s->buf_cap, p, nl - p) < 0 ||
+            count_line(counts, s->buf, s->buf + s->buf_len, 0) < 0)
+            return -1;
+        from = nl + 1;
+    }
+    if (last > from && count_text(counts, from, last - from) < 0) {
+        counts->queued = 0;
+        return -1;
+    }
+    return bytes_set(&s->buf, &s->buf_len, &s->buf_cap, last + 1, p + n - last - 1);
+}
+
+/* Decoder.segment: anything but the next segment of a synced stream with
+ * nothing held. */
+static int
+stream_out_of_order(WalkerObject *self, stream_t *s, uint32_t seq, const char *p, Py_ssize_t n)
+{
+    uint32_t ahead = seq - s->next_seq;
+    if (ahead && ahead < 0x80000000U) {
+        if (s->held_len >= MAX_PENDING) {
+            self->skipped[S_GIVEN_UP]++;
+            held_clear(s);
+            s->buf_len = 0;
+            s->synced = 0;
+            s->next_seq = seq;
+        }
+        else {
+            held_t *h = NULL;
+            for (Py_ssize_t i = 0; i < s->held_len; i++)
+                if (s->held[i].seq == seq)
+                    h = &s->held[i];
+            if (h == NULL) {
+                if (GROW(s->held, s->held_cap, s->held_len + 1) < 0)
+                    return -1;
+                h = &s->held[s->held_len++];
+                h->data = NULL;
+            }
+            char *copy = PyMem_Malloc(n ? (size_t)n : 1);
+            if (copy == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(copy, p, (size_t)n);
+            PyMem_Free(h->data);
+            h->seq = seq;
+            h->len = n;
+            h->data = copy;
+            return 0;
+        }
+    }
+    else if (ahead) { /* a retransmission: what is new */
+        uint32_t behind = (uint32_t)(0x100000000ULL - ahead);
+        if ((Py_ssize_t)behind >= n)
+            return 0;
+        p += behind;
+        n -= behind;
+    }
+    /* the stream's buffer, the payload and the held segments that follow it */
+    Py_ssize_t size = 0;
+    if (bytes_append(&self->scratch, &size, &self->scratch_cap, s->buf, s->buf_len) < 0 ||
+        bytes_append(&self->scratch, &size, &self->scratch_cap, p, n) < 0)
+        return -1;
+    s->next_seq += (uint32_t)n;
+    while (s->held_len) {
+        Py_ssize_t i = 0;
+        while (i < s->held_len && s->held[i].seq != s->next_seq)
+            i++;
+        if (i == s->held_len)
+            break;
+        held_t more = s->held[i];
+        s->held[i] = s->held[--s->held_len];
+        int rc = bytes_append(&self->scratch, &size, &self->scratch_cap, more.data, more.len);
+        PyMem_Free(more.data);
+        if (rc < 0)
+            return -1;
+        s->next_seq += (uint32_t)more.len;
+    }
+    const char *data = self->scratch;
+    if (s->kind == K_PICKLE)
+        return stream_frames(self, s, data, size);
+    if (!s->synced) {
+        const char *nl = memchr(data, '\n', (size_t)size);
+        if (nl == NULL) {
+            s->buf_len = 0;
+            return 0;
+        }
+        size -= nl + 1 - data;
+        data = nl + 1;
+        s->synced = 1;
+    }
+    const char *last = last_newline(data, size);
+    if (last != NULL) {
+        if (count_now(self->counts[K_LINE], data, last - data) < 0)
+            return -1;
+        size -= last + 1 - data;
+        data = last + 1;
+    }
+    return bytes_set(&s->buf, &s->buf_len, &s->buf_cap, data, size);
+}
+
+/* Decoder.tcp: one segment of a line or pickle connection. */
+static int
+tcp_segment(WalkerObject *self, const flowkey_t *key, int kind, int flags, uint32_t seq,
+            const char *p, Py_ssize_t n)
+{
+    uint64_t h = hash_name((const char *)key, sizeof(*key));
+    stream_t **slot = flow_slot(self, key, h);
+    stream_t *s = *slot;
+    if (flags & TH_SYN) {
+        if (s == NULL && (s = flow_add(self, slot, key, h, kind)) == NULL)
+            return -1;
+        held_clear(s);
+        s->buf_len = 0;
+        s->next_seq = seq + 1;
+        s->synced = 1;
+        return 0;
+    }
+    if (s == NULL) {
+        if (!n)
+            return 0;
+        if ((s = flow_add(self, slot, key, h, kind)) == NULL)
+            return -1;
+        s->next_seq = seq;
+        slot = flow_slot(self, key, h); /* the table may have grown */
+    }
+    if (n) {
+        int rc = s->synced && seq == s->next_seq && !s->held_len
+                     ? stream_in_order(self, s, p, n)
+                     : stream_out_of_order(self, s, seq, p, n);
+        if (rc < 0)
+            return -1;
+    }
+    if (flags & (TH_FIN | TH_RST))
+        flow_remove(self, slot);
+    return 0;
+}
+
+/* ----- frames */
+
+static int
+flush_all(WalkerObject *self)
+{
+    for (int k = K_LINE; k <= K_STATSD; k++)
+        if (flush_names(self->counts[k]) < 0)
+            return -1;
+    return 0;
+}
+
+
+/* One TCP segment dpkt decoded: (src, sport, dst, dport, flags, seq, payload). */
+static int
+python_segment(WalkerObject *self, PyObject *item)
+{
+    Py_buffer src, dst, payload;
+    unsigned int sport, dport, flags;
+    unsigned long seq;
+    if (!PyTuple_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "a segment is a tuple");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(item, "y*Iy*IIky*:segment", &src, &sport, &dst, &dport, &flags, &seq,
+                          &payload))
+        return -1;
+    int rc = -1;
+    flowkey_t key;
+    memset(&key, 0, sizeof(key));
+    int kind = dport < 65536 ? self->kinds[dport] : K_NONE;
+    if (src.len != dst.len || (src.len != 4 && src.len != 16) || sport > 65535 ||
+        (kind != K_LINE && kind != K_PICKLE)) {
+        PyErr_SetString(PyExc_ValueError, "not a segment of a line or pickle TCP connection");
+        goto done;
+    }
+    key.alen = (uint8_t)src.len;
+    key.sport = (uint16_t)sport;
+    key.dport = (uint16_t)dport;
+    memcpy(key.src, src.buf, (size_t)src.len);
+    memcpy(key.dst, dst.buf, (size_t)dst.len);
+    rc = tcp_segment(self, &key, kind, (int)flags, (uint32_t)seq, payload.buf, payload.len);
+    /* names queued in payload: counted before it is released */
+    if (rc == 0)
+        rc = flush_all(self);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&payload);
+    return rc;
+}
+
+/* A frame for dpkt's full decode: other_frame(frame) counts its datagrams (through
+ * the same Counts) and returns its TCP segments, fed to their streams here. */
+static int
+other_frame(WalkerObject *self, const unsigned char *f, Py_ssize_t len)
+{
+    PyObject *result = PyObject_CallFunction(self->other_frame, "y#", (const char *)f, len);
+    if (result == NULL)
+        return -1;
+    PyObject *segments = PySequence_Fast(result, "other_frame returns a sequence of segments");
+    Py_DECREF(result);
+    if (segments == NULL)
+        return -1;
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(segments); i++)
+        rc = python_segment(self, PySequence_Fast_GET_ITEM(segments, i));
+    Py_DECREF(segments);
+    return rc;
+}
+
+static inline int
+is_vlan(uint32_t type)
+{
+    return type == 0x8100 || type == 0x88A8 || type == 0x9100 || type == 0x9200;
+}
+
+/* One frame of the capture's link type (Decoder.transport for the frames the
+ * numpy path reads, plus IPv6 and VLAN tags); anything else to other_frame. */
+static int
+walk_frame(WalkerObject *self, int linktype, const unsigned char *f, Py_ssize_t len)
+{
+    Py_ssize_t at;
+    uint32_t type;
+    switch (linktype) {
+    case 1: /* Ethernet */
+        if (len < 14)
+            return other_frame(self, f, len);
+        type = rd16(f + 12);
+        at = 14;
+        if (is_vlan(type)) { /* one tag; a second (QinQ) goes to dpkt */
+            if (len < 18 || rd16(f + 16) == 0x8100)
+                return other_frame(self, f, len);
+            type = rd16(f + 16);
+            at = 18;
+        }
+        break;
+    case 113: /* Linux cooked v1 */
+        if (len < 16)
+            return other_frame(self, f, len);
+        type = rd16(f + 14);
+        at = 16;
+        break;
+    case 276: /* Linux cooked v2 */
+        if (len < 20)
+            return other_frame(self, f, len);
+        type = rd16(f);
+        at = 20;
+        break;
+    default: /* raw IP: the version says which */
+        if (len < 1)
+            return other_frame(self, f, len);
+        type = f[0] >> 4 == 4 ? 0x0800 : 0x86DD;
+        at = 0;
+        break;
+    }
+    const unsigned char *ip = f + at, *l4;
+    Py_ssize_t captured = len - at, end; /* end: of the IP payload, from ip */
+    flowkey_t key;
+    int proto;
+    if (type == 0x0800) {
+        if (captured < 28 || ip[0] != 0x45 || (ip[6] & 0x3F) || ip[7])
+            return other_frame(self, f, len);
+        proto = ip[9];
+        Py_ssize_t total = (Py_ssize_t)rd16(ip + 2);
+        end = total == 0 ? captured : (total < captured ? total : captured);
+        l4 = ip + 20;
+        memset(&key, 0, sizeof(key));
+        key.alen = 4;
+        memcpy(key.src, ip + 12, 4);
+        memcpy(key.dst, ip + 16, 4);
+    }
+    else if (type == 0x86DD) {
+        if (captured < 48 || ip[0] >> 4 != 6)
+            return other_frame(self, f, len);
+        proto = ip[6];
+        Py_ssize_t payload = (Py_ssize_t)rd16(ip + 4);
+        captured -= 40;
+        end = 40 + (payload == 0 ? captured : (payload < captured ? payload : captured));
+        l4 = ip + 40;
+        memset(&key, 0, sizeof(key));
+        key.alen = 16;
+        memcpy(key.src, ip + 8, 16);
+        memcpy(key.dst, ip + 24, 16);
+    }
+    else {
+        return other_frame(self, f, len);
+    }
+    Py_ssize_t l4_len = end - (l4 - ip);
+    if (proto == 17) {
+        if (l4_len < 8)
+            return other_frame(self, f, len);
+        int kind = self->kinds[rd16(l4 + 2)];
+        if (kind == K_LINE || kind == K_STATSD) {
+            if (count_text(self->counts[kind], (const char *)l4 + 8, l4_len - 8) < 0) {
+                self->counts[kind]->queued = 0;
+                return -1;
+            }
+        }
+        else
+            self->skipped[kind == K_NONE ? S_OTHER_PORTS : S_PICKLE_UDP]++;
+        return 0;
+    }
+    if (proto != 6 || l4_len < 20)
+        return other_frame(self, f, len);
+    Py_ssize_t header = (l4[12] >> 4) * 4;
+    if (header < 20 || l4_len < header)
+        return other_frame(self, f, len);
+    int kind = self->kinds[rd16(l4 + 2)];
+    if (kind != K_LINE && kind != K_PICKLE) {
+        self->skipped[S_OTHER_PORTS]++;
+        return 0;
+    }
+    key.sport = (uint16_t)rd16(l4);
+    key.dport = (uint16_t)rd16(l4 + 2);
+    return tcp_segment(self, &key, kind, l4[13], rd32(l4 + 4, 1), (const char *)l4 + header,
+                       l4_len - header);
+}
+
+static PyObject *
+walker_walk(WalkerObject *self, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t offset;
+    int big_endian, linktype;
+    if (self->table == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the Walker was not initialised");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "y*npi:walk", &data, &offset, &big_endian, &linktype))
+        return NULL;
+    const unsigned char *buf = data.buf;
+    Py_ssize_t size = data.len;
+    int rc = 0;
+    if (offset < 0 || offset > size) {
+        PyErr_SetString(PyExc_ValueError, "offset outside the buffer");
+        rc = -1;
+    }
+    while (rc == 0 && size - offset >= 16) {
+        const unsigned char *h = buf + offset;
+        Py_ssize_t start = offset + 16;
+        uint32_t caplen = rd32(h + 8, big_endian);
+        Py_ssize_t len = (uint64_t)caplen > (uint64_t)(size - start) ? size - start : caplen;
+        self->last[0] = rd32(h, big_endian);
+        self->last[1] = rd32(h + 4, big_endian);
+        if (!self->stamped) {
+            self->first[0] = self->last[0];
+            self->first[1] = self->last[1];
+            self->stamped = 1;
+        }
+        self->packets++;
+        rc = walk_frame(self, linktype, buf + start, len);
+        offset = start + len;
+    }
+    if (rc == 0 && offset < size)
+        self->skipped[S_TRUNCATED]++;
+    /* the queued names point into data: counted before it is released */
+    if (rc == 0)
+        rc = flush_all(self);
+    else
+        for (int k = K_LINE; k <= K_STATSD; k++)
+            self->counts[k]->queued = 0;
+    PyBuffer_Release(&data);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+walker_stats(WalkerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *skipped = PyDict_New();
+    if (skipped == NULL)
+        return NULL;
+    for (int i = 0; i < S_COUNT; i++) {
+        if (!self->skipped[i])
+            continue;
+        PyObject *count = PyLong_FromLongLong(self->skipped[i]);
+        if (count == NULL || PyDict_SetItemString(skipped, skip_reasons[i], count) < 0) {
+            Py_XDECREF(count);
+            Py_DECREF(skipped);
+            return NULL;
+        }
+        Py_DECREF(count);
+    }
+    if (!self->stamped)
+        return Py_BuildValue("(LOON)", self->packets, Py_None, Py_None, skipped);
+    return Py_BuildValue("(L(II)(II)N)", self->packets, self->first[0], self->first[1],
+                         self->last[0], self->last[1], skipped);
+}
+
+static int
+walker_init(WalkerObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"line",      "pickle",      "statsd",   "kinds", "decode_frame",
+                               "other_frame", "max_name", "max_output", NULL};
+    PyObject *counts[3], *decode_frame, *other;
+    Py_buffer kinds;
+    Py_ssize_t max_name, max_output;
+    if (self->table != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Walker is initialised once");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!O!y*OOnn:Walker", keywords, &CountsType,
+                                     &counts[0], &CountsType, &counts[1], &CountsType,
+                                     &counts[2], &kinds, &decode_frame, &other, &max_name,
+                                     &max_output))
+        return -1;
+    int ok = kinds.len == 65536;
+    if (ok)
+        memcpy(self->kinds, kinds.buf, 65536);
+    PyBuffer_Release(&kinds);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "kinds: one byte per port (65536)");
+        return -1;
+    }
+    for (int k = 0; k < 3; k++) {
+        Py_INCREF(counts[k]);
+        self->counts[K_LINE + k] = (CountsObject *)counts[k];
+    }
+    Py_INCREF(decode_frame);
+    self->decode_frame = decode_frame;
+    Py_INCREF(other);
+    self->other_frame = other;
+    self->max_name = max_name;
+    self->max_output = max_output;
+    return flows_resize(self, 256);
+}
+
+static void
+walker_dealloc(WalkerObject *self)
+{
+    for (Py_ssize_t i = 0; self->table != NULL && i <= self->mask; i++)
+        if (self->table[i] != NULL)
+            stream_free(self->table[i]);
+    PyMem_Free(self->table);
+    PyMem_Free(self->scratch);
+    for (int k = K_LINE; k <= K_STATSD; k++)
+        Py_XDECREF(self->counts[k]);
+    Py_XDECREF(self->decode_frame);
+    Py_XDECREF(self->other_frame);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef walker_methods[] = {
+    {"walk", (PyCFunction)walker_walk, METH_VARARGS,
+     "walk(buffer, offset, big_endian, linktype): the pcap records from offset to the end"},
+    {"stats", (PyCFunction)walker_stats, METH_NOARGS,
+     "stats() -> (packets, first (seconds, fraction), last, {reason: skipped})"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WalkerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "carbonscale._hotcount.Walker",
+    .tp_basicsize = sizeof(WalkerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Walker(line, pickle, statsd, kinds, decode_frame, other_frame, max_name, "
+              "max_output): a classic pcap's records decoded and counted",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)walker_init,
+    .tp_dealloc = (destructor)walker_dealloc,
+    .tp_methods = walker_methods,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "carbonscale._hotcount",
     "Points per metric name of hot-metrics' line, statsd and pickle traffic (C).", -1,
@@ -1675,7 +2690,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__hotcount(void)
 {
-    if (PyType_Ready(&CountsType) < 0)
+    if (PyType_Ready(&CountsType) < 0 || PyType_Ready(&WalkerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -1683,6 +2698,12 @@ PyInit__hotcount(void)
     Py_INCREF(&CountsType);
     if (PyModule_AddObject(m, "Counts", (PyObject *)&CountsType) < 0) {
         Py_DECREF(&CountsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WalkerType);
+    if (PyModule_AddObject(m, "Walker", (PyObject *)&WalkerType) < 0) {
+        Py_DECREF(&WalkerType);
         Py_DECREF(m);
         return NULL;
     }

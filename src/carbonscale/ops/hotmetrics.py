@@ -3,17 +3,24 @@ line (TCP or UDP), pickle (TCP) and statsd (UDP) traffic a relay receives, and
 the load they put on each storage instance (by the ring, after the relay's name
 rewrite) and each statsd daemon (by the statsd relay's placement).
 
-Captures are read with dpkt, two ways that give the same report (tested equal):
+Captures are read three ways that give the same report (tested equal):
 
 - dpkt's full decode (Decoder.feed_dpkt): records from dpkt.pcap.Reader or
   dpkt.pcapng.Reader, the link layer by the capture's link type (Ethernet, Linux
   cooked v1 and v2, loopback, raw IP), then dpkt's IP/IP6 and TCP/UDP objects;
-- the bulk path, what decode_capture uses: dpkt reads a classic pcap's file
-  header and its records are walked in large blocks (pcaprecords); the headers of
-  plain IPv4 TCP/UDP frames (Ethernet, Linux cooked, raw IP; no IP options, not a
+- the bulk path (Decoder.feed_batches): dpkt reads a classic pcap's file header
+  and its records are walked in large blocks (pcaprecords); the headers of plain
+  IPv4 TCP/UDP frames (Ethernet, Linux cooked, raw IP; no IP options, not a
   fragment) are read at fixed offsets with numpy for a whole batch, and every
   other frame (VLAN, IPv6, options, fragments, loopback, pcapng) goes through
-  dpkt's full decode. A dpkt object per packet is what cost the time.
+  dpkt's full decode. A dpkt object per packet is what cost the time;
+- the C walk (Decoder.feed_pcap, what decode_capture uses for a classic pcap when
+  the extension is built): carbonscale._hotcount.Walker walks the records of the
+  file mapped in memory, decodes plain IPv4 and IPv6 TCP/UDP (one VLAN tag or
+  none), reassembles the TCP streams as Decoder.tcp does and counts the points;
+  the frames it does not read go to dpkt's full decode, the pickle frames it does
+  not know to the pickle relay's decoder. Per batch Python (segment ordering,
+  numpy header reads, the reads of the file) was what cost the time then.
 
 What is ours is above the transport: TCP payloads are reassembled per connection
 in sequence order before they are cut into lines and pickle frames (decoded by
@@ -31,6 +38,7 @@ relay's decoder. Both count the same (tested equal).
 from __future__ import annotations
 
 import heapq
+import mmap
 import os
 import struct
 import subprocess
@@ -47,9 +55,8 @@ from carbonscale.ops import pcaprecords
 from carbonscale.ops.namecount import count_names, reference_names
 from carbonscale.relay import lines as relay_lines
 from carbonscale.relay.statsd.backends import parse_backends
-from carbonscale.relay.statsd.placement import primary
 from carbonscale.relay_names import rewrite_block
-from carbonscale.ring import Ring
+from carbonscale.ring import Ring, fnv1a_64_batch, jump_hash_batch
 
 try:
     from carbonscale import _hotcount
@@ -275,6 +282,38 @@ class Decoder:
                 tcp_segments.append((key, protocol, segment.flags, segment.seq, segment.data))
         else:
             skipped["not TCP or UDP"] += 1
+
+    # ----- a classic pcap file, walked in C
+
+    def feed_pcap(self, linktype: int, buffer, offset: int, big_endian: bool, divisor: float):
+        """The records of a classic pcap in buffer (an mmap of the file) from offset on,
+        decoded and counted by _hotcount.Walker: the frames feed_batches reads with
+        numpy, IPv6 and VLAN-tagged ones too, and TCP reassembly and pickle frames as
+        tcp() does them; any other frame through dpkt's full decode (transport), any
+        pickle frame C does not know through the pickle relay's decoder. Needs the
+        native counts and a link type of the bulk path."""
+        network_layer = self.network_layer(linktype)
+
+        def other_frame(frame: bytes) -> list[tuple]:
+            found: list = []
+            self.transport(network_layer, frame, found)
+            return [(src, sport, dst, dport, flags, seq, payload)
+                    for (src, sport, dst, dport), _, flags, seq, payload in found]  # fmt: skip
+
+        walker = _hotcount.Walker(
+            *(self.native[p] for p in PROTOCOLS),
+            self.kind_codes.tobytes(),
+            _decode_frame,
+            other_frame,
+            relay_lines.DEFAULT_MAX_NAME,
+            relay_lines.DEFAULT_MAX_OUTPUT,
+        )
+        walker.walk(buffer, offset, big_endian, linktype)
+        packets, first, last, skipped = walker.stats()
+        self.stats.skipped.update(skipped)
+        if first is not None:
+            first, last = pcaprecords.stamp(first, divisor), pcaprecords.stamp(last, divisor)
+        self.stats.span(first, last, packets)
 
     # ----- all records, in batches
 
@@ -595,9 +634,10 @@ class Decoder:
 
 
 def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = False) -> Decoder:
-    """The capture decoded: a classic pcap in bulk (pcaprecords, Decoder.feed_batches),
-    pcapng record by record through dpkt's reader; with full_dpkt, every record
-    through dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
+    """The capture decoded: a classic pcap walked in C (Decoder.feed_pcap) when the
+    decoder counts in C, else in bulk (pcaprecords, Decoder.feed_batches), pcapng
+    record by record through dpkt's reader; with full_dpkt, every record through
+    dpkt's reader and full decode (Decoder.feed_dpkt, the reference)."""
     decoder = decoder or Decoder()
     handle = _open(path)
     header = None if full_dpkt else pcaprecords.file_header(handle)
@@ -608,10 +648,41 @@ def decode_capture(path: str, decoder: Decoder | None = None, full_dpkt: bool = 
         return decoder
     linktype, order, divisor = header
     with handle:
+        mapped = None
+        if decoder.native is not None and linktype in _BULK_LINKS:
+            mapped = _mapped(handle)
+        if mapped is not None:
+            with mapped:
+                decoder.feed_pcap(
+                    linktype, mapped, pcaprecords.FILE_HEADER_BYTES, order == ">", divisor
+                )
+            return decoder
         decoder.feed_batches(
             linktype, pcaprecords.batches(handle, order, divisor, decoder.stats.skipped)
         )
     return decoder
+
+
+def _mapped(handle) -> mmap.mmap | None:
+    """The file read-only in memory (no copy, unlike read()); None if it cannot be
+    mapped (not a regular file): then it is read in blocks."""
+    try:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    if hasattr(mapped, "madvise"):
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return mapped
+
+
+def _decode_frame(frame: bytes) -> tuple[bytes, int] | None:
+    """A pickle frame through the pickle relay's decoder: (its lines, invalid points),
+    None when it is malformed (_hotcount.Walker's decode_frame)."""
+    try:
+        text, _, invalid = relay_lines.decode_frame(frame, int(time.time()))
+    except relay_lines.MalformedFrame:
+        return None
+    return text, invalid
 
 
 def _record_batches(records: Iterable[tuple[float, bytes]]) -> Iterator[pcaprecords.Batch]:
@@ -698,8 +769,41 @@ def _most_points_first(item: tuple[bytes, int]) -> tuple[int, bytes]:
     return -item[1], item[0]
 
 
-def _prefix(name: bytes, depth: int) -> bytes:
-    return b".".join(name.split(b".", depth)[:depth])
+def _summed(first: Mapping[bytes, int], second: Mapping[bytes, int]) -> Counter[bytes]:
+    """Counter(first) + Counter(second) for counts > 0, with dict-speed copies: only
+    the names both hold are added up one by one."""
+    summed = Counter({**first, **second})
+    for name in first.keys() & second.keys():
+        summed[name] = first[name] + second[name]
+    return summed
+
+
+def _prefix_counts(counts: Mapping[bytes, int], depth: int) -> Mapping[bytes, int]:
+    """Points per name prefix: the first `depth` dot-separated fields of the names (in
+    C when built: _hotcount.Counts.add_prefixes, tested equal)."""
+    if _hotcount is not None and depth >= 1:
+        prefixes = _hotcount.Counts()
+        prefixes.add_prefixes(counts, depth)
+        return prefixes.items()
+    summed: Counter[bytes] = Counter()
+    get = summed.get
+    join = b".".join
+    for name, count in counts.items():
+        prefix = join(name.split(b".", depth)[:depth])
+        summed[prefix] = get(prefix, 0) + count
+    return summed
+
+
+def _top(counts: Mapping[bytes, int], limit: int) -> list[tuple[bytes, int]]:
+    """(name, points), most points first, equal points by name; the first `limit`, all
+    when it is 0 (in C when built: _hotcount.top, tested equal)."""
+    if _hotcount is not None and isinstance(counts, dict):
+        return _hotcount.top(counts, limit)
+    # (the top ones by a heap: sorting every name costs more than the count)
+    order = _most_points_first
+    if limit:
+        return heapq.nsmallest(limit, counts.items(), order)
+    return sorted(counts.items(), key=order)
 
 
 def analyse(
@@ -716,30 +820,16 @@ def analyse(
     stats = decoder.stats
     span = seconds or ((stats.last - stats.first) if stats.first is not None else 0.0)
     span = span if span > 0 else 1.0
-    counts: Counter[bytes] = Counter()
-    carbon: Counter[bytes] = Counter()
-    statsd: Counter[bytes] = Counter()
-    per_protocol = {}
-    for protocol in PROTOCOLS:
-        names = decoder.counts(protocol)
-        per_protocol[protocol] = sum(names.values())
-        (statsd if protocol == "statsd" else carbon).update(names)
-    counts.update(carbon)
-    counts.update(statsd)
-    prefixes: Counter[bytes] = Counter()
-    for name, count in counts.items():
-        prefixes[_prefix(name, prefix_depth)] += count
+    by_protocol = {protocol: decoder.counts(protocol) for protocol in PROTOCOLS}
+    per_protocol = {protocol: sum(names.values()) for protocol, names in by_protocol.items()}
+    carbon = _summed(by_protocol["line"], by_protocol["pickle"])
+    statsd = by_protocol["statsd"]
+    counts = _summed(carbon, statsd)
+    prefixes = _prefix_counts(counts, prefix_depth)
 
-    def ranked(counter: Counter, limit: int) -> list[list]:
+    def ranked(counts: Mapping[bytes, int], limit: int) -> list[list]:
         # Most points first; equal counts by name, whatever order the points came in.
-        # (the top ones by a heap: sorting every name costs more than the count)
-        order = _most_points_first
-        items = (
-            heapq.nsmallest(limit, counter.items(), order)
-            if limit
-            else sorted(counter.items(), key=order)
-        )
-        return [[n.decode("utf-8", "replace"), c, c / span] for n, c in items]
+        return [[n.decode("utf-8", "replace"), c, c / span] for n, c in _top(counts, limit)]
 
     report = {
         "seconds": span,
@@ -758,36 +848,42 @@ def analyse(
     return report
 
 
+def _load(members: Sequence[str], rows: np.ndarray, counts: Sequence[int], span: float) -> dict:
+    """[points, points/s] per member: rows[i] are the indices of the members name i
+    goes to, counts[i] its points."""
+    totals = np.zeros(len(members), np.int64)
+    if len(counts):
+        rows = rows.reshape(len(counts), -1)
+        np.add.at(totals, rows.ravel(), np.repeat(np.array(counts, np.int64), rows.shape[1]))
+    load: dict[str, list] = {}
+    for member, total in zip(members, totals.tolist(), strict=True):
+        load.setdefault(member, [0, 0.0])[0] += total
+    for entry in load.values():
+        entry[1] = entry[0] / span
+    return load
+
+
 def instance_load(
     ring: Ring, counts: Mapping[bytes, int], span: float, allowed_chars: bytes | None
 ) -> dict[str, list]:
     """[points, points/s] each ring member receives (every replica counts)."""
-    load = {m.relay_syntax: [0, 0.0] for m in ring.members}
+    members = [m.relay_syntax for m in ring.members]
     names = list(counts)
     if not names:
-        return load
+        return {member: [0, 0.0] for member in members}
     routed = names
     if allowed_chars is not None:
         routed = rewrite_block(b"\n".join(names) + b"\n", allowed_chars).split(b"\n")[:-1]
-    rows = ring.locate_batch(routed).tolist()
-    for name, row in zip(names, rows, strict=True):
-        for index in row:
-            load[ring.members[index].relay_syntax][0] += counts[name]
-    for entry in load.values():
-        entry[1] = entry[0] / span
-    return load
+    return _load(members, ring.locate_batch(routed), list(counts.values()), span)
 
 
 def statsd_load(specs: Sequence[str], counts: Mapping[bytes, int], span: float) -> dict:
     """[points, points/s] each statsd daemon receives from the statsd relay (every
-    backend up: StatsRelay's jump placement)."""
-    backends = parse_backends(list(specs))
-    load = {b.spec: [0, 0.0] for b in backends}
-    for name, count in counts.items():
-        load[backends[primary(name, len(backends))].spec][0] += count
-    for entry in load.values():
-        entry[1] = entry[0] / span
-    return load
+    backend up: StatsRelay's jump placement, placement.primary of every name)."""
+    backends = [b.spec for b in parse_backends(list(specs))]
+    names = list(counts)
+    rows = jump_hash_batch(fnv1a_64_batch(names), len(backends)) if names else np.zeros(0)
+    return _load(backends, rows, list(counts.values()), span)
 
 
 def merge_hot(reports: Mapping[str, dict], top: int = 20) -> dict:

@@ -27,6 +27,8 @@ except ImportError:  # a checkout whose extension was not compiled
 # Bytes read per block; a batch holds the records that start in it.
 BLOCK_BYTES = 16 << 20
 _RECORD_HEADER = 16
+# The file header's length: the first record starts there.
+FILE_HEADER_BYTES = dpkt.pcap.FileHdr.__hdr_len__
 
 
 class Batch:
@@ -70,7 +72,7 @@ def file_header(handle: BinaryIO) -> tuple[int, str, float] | None:
 def batches(handle: BinaryIO, order: str, divisor: float, skipped) -> Iterator[Batch]:
     """The records after the file header, in batches (one per block read)."""
     caplen = struct.Struct(order + "I").unpack_from
-    stamp = struct.Struct(order + "II").unpack_from
+    header_stamp = struct.Struct(order + "II").unpack_from
     rest = b""
     while True:
         block = handle.read(BLOCK_BYTES)
@@ -101,8 +103,8 @@ def batches(handle: BinaryIO, order: str, divisor: float, skipped) -> Iterator[B
                 data,
                 begins,
                 lengths,
-                _stamp(stamp(data, starts[0] - _RECORD_HEADER), divisor),
-                _stamp(stamp(data, starts[-1] - _RECORD_HEADER), divisor),
+                stamp(header_stamp(data, starts[0] - _RECORD_HEADER), divisor),
+                stamp(header_stamp(data, starts[-1] - _RECORD_HEADER), divisor),
             )
         rest = data[offset:]
         if at_end:
@@ -135,6 +137,7 @@ def _caplens(data: bytes, begins: np.ndarray, order: str) -> np.ndarray:
     return b3 | b2 << 8 | b1 << 16 | b0 << 24
 
 
-def _stamp(header: tuple[int, int], divisor: float) -> float:
+def stamp(header: tuple[int, int], divisor: float) -> float:
+    """A record header's (seconds, fraction) as seconds."""
     seconds, fraction = header
     return seconds + (fraction / divisor)
