@@ -416,8 +416,22 @@ def test_halt_lvmcache_uses_the_cleaner_policy_then_splits_the_cache(fake):
     assert "--cachesettings migration_threshold=2048 vg0/whisper" in calls[0]
     assert any(line.startswith("flushing: ") for line in lines)
     assert not backend.state().present
-    # Boot attaches the pool again.
-    assert start(backend, create=True)[0].startswith("attached lvmcache")
+    # The boot (no --create) attaches the pool the halt split off.
+    disk = json.loads((fake.dir / "disk.json").read_text())
+    disk["lvs"]["vg0/whisper_cache"] = {"segtype": "cache-pool", "dirty": 0}
+    (fake.dir / "disk.json").write_text(json.dumps(disk))
+    assert start(backend)[0].startswith("attached lvmcache")
+
+
+def test_lvmcache_boot_without_a_pool_does_not_create_one(fake):
+    (fake.dir / "disk.json").write_text(
+        json.dumps({"ssds": {}, "lvs": {"vg0/whisper": {"segtype": "linear", "dirty": 0}}})
+    )
+    backend = fake.lvmcache(device_wait=0.1)
+    backend.device_paths = lambda: []
+    with pytest.raises(CarbonscaleError, match="has no cache attached"):
+        start(backend)
+    assert not any(call.startswith("lvconvert") for call in fake.calls())
 
 
 def test_lvmcache_start_restores_the_policy_after_a_timed_out_halt(fake):

@@ -249,6 +249,10 @@ class Lvmcache(Backend):
     def state(self) -> CacheState:
         return lvmcache_state(self._row())
 
+    def _pool_exists(self) -> bool:
+        pool = f"{self.lvm.vg}/{self.lvm.cachepool}"
+        return self.host.run(["lvs", "--noheadings", "-o", "lv_name", pool], timeout=60).ok
+
     def _settings_args(self) -> list[str]:
         if not self.lvm.policy_settings:
             return []
@@ -259,7 +263,10 @@ class Lvmcache(Backend):
         changes = []
         state = self.state()
         if not state.present:
-            if not create:
+            # The halt's --splitcache leaves the pool clean and unused: the
+            # boot attaches it again (nothing on it to lose). A pool that is
+            # not there is created only by converge.
+            if not create and not self._pool_exists():
                 raise CarbonscaleError(
                     f"{self.lvm.origin} has no cache attached; run the ssd_cache role "
                     "(or `carbonscale cache start --create`) to attach it"
