@@ -26,14 +26,18 @@ VM_CACHE = Path(os.environ.get("VM_CACHE", REPO / ".cache" / "vm"))
 BOOT_TIMEOUT = float(os.environ.get("CARBONSCALE_VM_BOOT_TIMEOUT", "600"))
 # A KVM guest that works reaches sshd in seconds; one that hangs never does.
 KVM_PROBE_TIMEOUT = 90.0
+QEMU_PACKAGES = ("qemu-system-x86", "qemu-utils")
+
+
+class QemuExited(RuntimeError):
+    """qemu ended before the guest's sshd answered."""
 
 
 def build_image() -> str:
     """Build (or reuse) the image; its recipe id."""
     if not shutil.which("qemu-system-x86_64") or not shutil.which("qemu-img"):
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
-            + ["qemu-system-x86", "qemu-utils"],
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *QEMU_PACKAGES],
             check=True,
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
             stdout=subprocess.DEVNULL,
@@ -89,10 +93,12 @@ class VM:
         self._start(accel)
         try:
             self._wait_ssh(KVM_PROBE_TIMEOUT if probing else BOOT_TIMEOUT)
-        except TimeoutError:
+        except (TimeoutError, QemuExited) as failure:
             if not probing:
                 raise
-            # KVM is there but the guest does not boot under it: TCG from now on.
+            # KVM is there but the guest does not boot under it (hangs, or
+            # qemu aborts setting the guest's MSRs): TCG from now on.
+            print(f"KVM does not boot the guest here, TCG from now on: {failure}")
             self.kill()
             (VM_CACHE / "accel").write_text("tcg\n")
             self._start("tcg")
@@ -118,11 +124,16 @@ class VM:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
+                raise QemuExited(
                     f"qemu exited ({self.process.returncode}): {self.process.stderr.read()!r}; "
                     f"serial console:\n{self.console_tail()}"
                 )
-            probe = self.ssh("true", timeout=30, check=False, connect_timeout=5)
+            # qemu accepts the forwarded connection at once; until sshd runs
+            # in the guest the SSH handshake just waits.
+            try:
+                probe = self.ssh("true", timeout=60, check=False, connect_timeout=5)
+            except subprocess.TimeoutExpired:
+                continue
             if probe.returncode == 0:
                 return
             time.sleep(2)
