@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from vm_harness import REPO, VM, build_image, connection_vars, run_playbook
 
 pytestmark = pytest.mark.vm
@@ -29,6 +28,8 @@ VIP = "192.168.77.100"
 REAL = {"rs1": "192.168.77.11", "rs2": "192.168.77.12"}
 CLIENT = "192.168.77.50"
 DEFAULTS = yaml.safe_load((REPO / "roles/lvs_realserver/defaults/main.yml").read_text())
+IGNORE = DEFAULTS["lvs_realserver_arp_ignore"]
+ANNOUNCE = DEFAULTS["lvs_realserver_arp_announce"]
 
 NETWORK = f"""
 set -e
@@ -46,10 +47,9 @@ for ns in rs1:11 rs2:12 client:50; do
   ip -n $name link set eth0 up
 done
 for name in rs1 rs2; do
-  ip netns exec $name sysctl -q -w net.ipv4.conf.all.arp_ignore={DEFAULTS['lvs_realserver_arp_ignore']} \
-    net.ipv4.conf.lo.arp_ignore={DEFAULTS['lvs_realserver_arp_ignore']} \
-    net.ipv4.conf.all.arp_announce={DEFAULTS['lvs_realserver_arp_announce']} \
-    net.ipv4.conf.lo.arp_announce={DEFAULTS['lvs_realserver_arp_announce']}
+  ip netns exec $name sysctl -q -w net.ipv4.conf.all.arp_ignore={IGNORE} \
+    net.ipv4.conf.lo.arp_ignore={IGNORE} net.ipv4.conf.all.arp_announce={ANNOUNCE} \
+    net.ipv4.conf.lo.arp_announce={ANNOUNCE}
   ip -n $name address add {VIP}/32 dev lo
   ip netns exec $name setsid python3 /root/sink.py $name /run/sink-$name.log \
     </dev/null >/run/sink-$name.out 2>&1 &
@@ -92,14 +92,13 @@ def inventory(vm: VM) -> dict:
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vm-ipvs")
-    machine = VM(workdir, build_image())
-    seconds = machine.boot()
-    print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
-    machine.copy_in(Path(__file__).parent / "vm_realserver_sink.py", "/root/sink.py")
-    machine.ssh(NETWORK)
-    run_playbook(workdir, inventory(machine), "playbooks/lvs.yml")
-    yield machine
-    machine.kill()
+    with VM(workdir, build_image()) as machine:
+        seconds = machine.boot()
+        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
+        machine.copy_in(Path(__file__).parent / "vm_realserver_sink.py", "/root/sink.py")
+        machine.ssh(NETWORK)
+        run_playbook(workdir, inventory(machine), "playbooks/lvs.yml")
+        yield machine
 
 
 def table(vm: VM) -> dict[str, list[str]]:
@@ -131,7 +130,8 @@ def received(vm: VM, port: int) -> dict[str, list[str]]:
     out = {}
     for name in REAL:
         text = vm.ssh(f"cat /run/sink-{name}.log", check=False).stdout
-        out[name] = [line.split(" ", 2)[2] for line in text.splitlines() if line.startswith(f"{port} ")]
+        lines = [line.split(" ", 2) for line in text.splitlines()]
+        out[name] = [fields[2] for fields in lines if fields[0] == str(port)]
     return out
 
 
@@ -155,7 +155,8 @@ def test_ipvs_carries_line_pickle_and_statsd_to_both_real_servers(vm):
     statsd = received(vm, 8125)
     # One client, one source port: without ops IPVS would send every datagram
     # of this "connection" to one real server.
-    assert sorted(statsd["rs1"] + statsd["rs2"]) == [f"vmtest.statsd.n{n:02d}:1|c" for n in range(40)]
+    sent = [f"vmtest.statsd.n{n:02d}:1|c" for n in range(40)]
+    assert sorted(statsd["rs1"] + statsd["rs2"]) == sent
     assert statsd["rs1"] and statsd["rs2"], {k: len(v) for k, v in statsd.items()}
     print(
         f"line {len(line['rs1'])}/{len(line['rs2'])}, pickle {len(pickled['rs1'])}/"
@@ -173,7 +174,7 @@ def test_a_failing_tcp_check_takes_the_real_server_out_and_back(vm):
         "nft add table inet t && nft add chain inet t in '{ type filter hook input priority 0; }'"
         " && nft add rule inet t in tcp dport 2003 reject with tcp reset"
     )
-    vm.ssh(f"ip netns exec rs2 sh -c \"{reject}\"")
+    vm.ssh(f'ip netns exec rs2 sh -c "{reject}"')
     wait_table(vm, f"TCP {VIP}:2003", {REAL["rs1"]})
     print("rs2 refuses 2003:\n" + vm.out("ipvsadm -Ln -t " + VIP + ":2003"))
     assert set(table(vm)[f"TCP {VIP}:2004"]) == every

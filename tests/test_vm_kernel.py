@@ -5,7 +5,6 @@ and device-mapper's cache target (lvmcache under whisper)."""
 from __future__ import annotations
 
 import pytest
-
 from vm_harness import VM, build_image
 
 pytestmark = pytest.mark.vm
@@ -13,11 +12,10 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
-    machine = VM(tmp_path_factory.mktemp("vm-kernel"), build_image())
-    seconds = machine.boot()
-    print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
-    yield machine
-    machine.kill()
+    with VM(tmp_path_factory.mktemp("vm-kernel"), build_image()) as machine:
+        seconds = machine.boot()
+        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
+        yield machine
 
 
 def test_the_guest_runs_debians_kernel_under_systemd(vm):

@@ -21,7 +21,6 @@ import json
 import time
 
 import pytest
-
 from vm_harness import VM, build_image, connection_vars, run_playbook
 
 pytestmark = pytest.mark.vm
@@ -65,8 +64,11 @@ def inventory(vm: VM) -> dict:
 
 def send(vm: VM, points: dict[str, list[tuple[int, float]]]) -> None:
     lines = "".join(f"{name} {value!r} {ts}\n" for name, pts in points.items() for ts, value in pts)
-    vm.ssh(f"python3 -c 'import socket,sys; socket.create_connection((\"127.0.0.1\", {LINE_PORT}))"
-           ".sendall(sys.stdin.buffer.read())'", input=lines)
+    vm.ssh(
+        f'python3 -c \'import socket,sys; socket.create_connection(("127.0.0.1", {LINE_PORT}))'
+        ".sendall(sys.stdin.buffer.read())'",
+        input=lines,
+    )
 
 
 READ = r"""
@@ -105,13 +107,12 @@ def position(journal: list[str], needle: str) -> int:
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vm-ssd-cache")
-    machine = VM(workdir, build_image(), extra_disks={"disk": "512M", "ssd": "128M"})
-    seconds = machine.boot()
-    print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
-    machine.ssh(PROVISION)
-    run_playbook(workdir, inventory(machine), "playbooks/storage.yml")
-    yield machine
-    machine.kill()
+    with VM(workdir, build_image(), extra_disks={"disk": "512M", "ssd": "128M"}) as machine:
+        seconds = machine.boot()
+        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
+        machine.ssh(PROVISION)
+        run_playbook(workdir, inventory(machine), "playbooks/storage.yml")
+        yield machine
 
 
 def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
@@ -129,7 +130,7 @@ def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
     dirty = 0
     for round_ in range(12):
         batch = {
-            name: [(now - (round_ * 30 + k) * 60, float(n * 1000 + round_ * 30 + k)) for k in range(30)]
+            name: [(now - (round_ * 30 + k) * 60, n * 1000.0 + round_ * 30 + k) for k in range(30)]
             for n, name in enumerate(METRICS)
         }
         send(vm, batch)
@@ -145,7 +146,8 @@ def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
         vm.ssh("sync; echo 3 > /proc/sys/vm/drop_caches")
         read_points(vm)
         dirty = cache_state(vm)["dirty_blocks"]
-        print(f"round {round_}: {sum(map(len, sent.values()))} points written, {dirty} dirty blocks")
+        points = sum(map(len, sent.values()))
+        print(f"round {round_}: {points} points written, {dirty} dirty blocks")
         if dirty > 0 and round_ >= 1:
             break
     assert dirty > 0, "the write-back cache never held a dirty block"
@@ -157,8 +159,8 @@ def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
     vm.boot()
     journal = vm.out(
         "journalctl -b -1 -o short-monotonic --no-pager "
-        "-u carbonscale-ssd-cache-halt.service -u 'carbon-cache@*' -u 'var-lib-graphite-whisper.mount'"
-        f" --since '{since}'"
+        "-u carbonscale-ssd-cache-halt.service -u 'carbon-cache@*' "
+        f"-u var-lib-graphite-whisper.mount --since '{since}'"
     ).splitlines()
     print("the halted boot's journal (halt hook, carbon, whisper mount):\n" + "\n".join(journal))
 
@@ -178,7 +180,8 @@ def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
 
     # The boot attached the split pool again and carbon writes through it.
     assert cache_state(vm)["present"] is True
-    assert vm.ssh("systemctl is-active carbon-cache@a.service", check=False).stdout.strip() == "active"
+    carbon = vm.ssh("systemctl is-active carbon-cache@a.service", check=False).stdout
+    assert carbon.strip() == "active"
     after = read_points(vm)
     total = 0
     for name in METRICS:

@@ -72,6 +72,12 @@ class VM:
         self.process: subprocess.Popen | None = None
         self.boots = 0
 
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
+
     @property
     def serial_log(self) -> Path:
         return self.workdir / f"serial-{self.boots}.log"
@@ -131,10 +137,20 @@ class VM:
             # qemu accepts the forwarded connection at once; until sshd runs
             # in the guest the SSH handshake just waits.
             try:
-                probe = self.ssh("true", timeout=60, check=False, connect_timeout=5)
+                probe = self.ssh("true", timeout=60, check=False, connect_timeout=30)
             except subprocess.TimeoutExpired:
                 continue
             if probe.returncode == 0:
+                # The master, in the background without our pipes (a master
+                # holding them would block every subprocess.run on it).
+                subprocess.run(
+                    self.ssh_argv(master=True),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=300,
+                    check=True,
+                )
                 return
             time.sleep(2)
         raise TimeoutError(
@@ -149,7 +165,9 @@ class VM:
             return "(no serial log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def ssh_argv(self, connect_timeout: int = 20) -> list[str]:
+    def ssh_argv(self, connect_timeout: int = 180, master: bool = False) -> list[str]:
+        # The master: a background connection (-f) that runs nothing (-N).
+        master_options = ["-o", "ControlPersist=yes", "-N", "-f"] if master else []
         return [
             "ssh",
             "-i",
@@ -166,6 +184,13 @@ class VM:
             "BatchMode=yes",
             "-o",
             f"ConnectTimeout={connect_timeout}",
+            # Commands share the master connection _wait_ssh opens: under
+            # TCG each new handshake (sshd's fork and re-exec) costs seconds.
+            "-o",
+            f"ControlMaster={'yes' if master else 'no'}",
+            *master_options,
+            "-o",
+            f"ControlPath={self.workdir}/ssh-%p",
             "root@127.0.0.1",
         ]
 
@@ -175,7 +200,7 @@ class VM:
         timeout: float = 300,
         check: bool = True,
         input: str | None = None,
-        connect_timeout: int = 20,
+        connect_timeout: int = 180,
     ) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [*self.ssh_argv(connect_timeout), command],
