@@ -42,12 +42,18 @@ done
 cpu=()
 [ "$accel" = kvm ] && cpu=(-cpu host)
 # Units of the image's packages a test VM does not need and TCG pays for at
-# every boot (ipvsadm's LSB script restores saved rules: there are none;
-# logind, which the lab's containers mask too, times out starting under TCG).
-MASKED="systemd.mask=ipvsadm.service systemd.mask=systemd-logind.service systemd.mask=man-db.timer systemd.mask=dpkg-db-backup.timer"
+# every boot: ipvsadm's LSB script (restores saved rules: there are none),
+# logind (the lab's containers mask it too; it times out starting under
+# TCG), the packaged carbon-c-relay (no test uses it; its port 2003 is the
+# line service's). -nodefaults: no VGA, floppy or CD drive for the kernel to probe.
+MASKED=""
+for unit in ipvsadm.service systemd-logind.service carbon-c-relay.service man-db.timer \
+  dpkg-db-backup.timer; do
+  MASKED="$MASKED systemd.mask=$unit"
+done
 exec qemu-system-x86_64 -accel "$accel" "${cpu[@]}" -m "$mem" -smp 1 \
-  -nographic -monitor none -serial "file:$serial" -no-reboot \
+  -nodefaults -nographic -monitor none -serial "file:$serial" -no-reboot \
   -kernel "$VM_CACHE/vmlinuz-$recipe" -initrd "$VM_CACHE/initrd-$recipe" \
-  -append "root=/dev/vda rw console=ttyS0 net.ifnames=1 systemd.show_status=1 $MASKED" \
+  -append "root=/dev/vda rw console=ttyS0 net.ifnames=1 systemd.show_status=1$MASKED" \
   "${drives[@]}" \
   -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$port-:22" -device virtio-net-pci,netdev=net0
