@@ -42,8 +42,9 @@ lint: venv
 # tests/test_lab.py makes docker networks and containers from the base image.
 # One worker per core (pytest-xdist); loadgroup keeps the tests marked
 # xdist_group (tests/test_lab.py's docker networks on one subnet) on one worker.
+# The 25 slowest tests are listed at the end of the log: where the time goes.
 unit: venv host-deps base-image
-	pytest -n auto --dist loadgroup
+	pytest -n auto --dist loadgroup --durations=25
 
 # molecule logs "CRITICAL 'molecule/default/molecule.yml' glob failed" before
 # each scenario and carries on: it looks for a default scenario to share state

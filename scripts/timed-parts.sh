@@ -93,9 +93,20 @@ if [ -n "$failed" ]; then
     echo "--- last lines of $LOG_DIR/$part.log"
     sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" | tail -n 25
     echo "=== FAILED: $part (log: $LOG_DIR/$part.log); its failing tests:"
-    # pytest's summary lines, molecule's and ansible's failures (colour codes removed).
-    sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" |
-      grep -E '^(FAILED|ERROR) |[│ ]FAILED |[│ ]ERROR |fatal: \[|Error: ' | tail -n 12
+    # pytest's summary lines, molecule's and ansible's failures (colour codes
+    # removed). molecule boxes and wraps pytest's output: "│ FAILED" alone on
+    # a line, the test id on the next ones ("│   ", cut at any character),
+    # joined back here.
+    sed 's/\x1b\[[0-9;]*m//g' "$LOG_DIR/$part.log" | awk '
+      /^ *│ (FAILED|ERROR)$/ { sub(/^ *│ /, ""); joined = $0 " "; want = 3; next }
+      want > 0 && /^ *│   / {
+        line = $0; sub(/^ *│   /, "", line); joined = joined line
+        if (--want == 0) { print joined; joined = "" }
+        next
+      }
+      want > 0 { print joined; joined = ""; want = 0 }
+      /^(FAILED|ERROR) |[│ ]FAILED |[│ ]ERROR |fatal: \[|Error: / { print }
+      END { if (joined != "") print joined }' | tail -n 12
   done <"$RESULTS"
   echo "=== FAILED: $failed (later stages not run)"
   exit 1

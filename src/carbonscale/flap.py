@@ -26,15 +26,14 @@ relay's checker), so the state is kept in a small JSON file between runs:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 
 DEFAULT_HALF_LIFE = 60.0
 DEFAULT_REUSE_LIMIT = 10.0
@@ -160,23 +159,6 @@ def last_resort(states: list[tuple[str, FlapState]], now: float, damper: FlapDam
     if not up or any(not damper.suppressed_at(st, now) for _, st in up):
         return None
     return min(up, key=lambda item: damper.decayed(item[1], now))[0]
-
-
-def write_atomically(path: str, text: str, mode: int | None = None) -> None:
-    """Replace `path` with `text` by a rename: a reader (nginx, the next check
-    run) sees the old file or the new one, never a torn one. Without `mode`
-    the file is private to its owner (mkstemp's 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class FlapStore:

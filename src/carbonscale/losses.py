@@ -18,7 +18,6 @@ lvs_director roles run those from timers.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 from carbonscale.sender import Point
 
 # ---------------------------------------------------------------- restarts
@@ -205,11 +205,9 @@ class NginxErrorLog:
     def save(self) -> None:
         data = {"inode": self.position.inode, "offset": self.position.offset}
         data["counts"] = self.counts
-        temporary = self.state.with_name(self.state.name + ".tmp")
         try:
             self.state.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps(data, sort_keys=True) + "\n")
-            os.replace(temporary, self.state)
+            write_atomically(self.state, json.dumps(data, sort_keys=True) + "\n", 0o644)
         except OSError as exc:
             raise CarbonscaleError(f"cannot write {self.state}: {exc.strerror or exc}") from exc
 

@@ -28,13 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 from carbonscale.flap import (
     FlapDamper,
     FlapStore,
     PlannedRestarts,
     key_host,
     last_resort,
-    write_atomically,
 )
 from carbonscale.health import PROBES, damper_from, proxied_path
 from carbonscale.lvs import DEFAULT_SCHEDULER

@@ -71,6 +71,29 @@ def setting(cluster: Cluster, host: str, role: str, name: str):
     return found[name] if name in found else role_default(role, name)
 
 
+def vip(cluster: Cluster) -> str | None:
+    """The directors' first VIP; None where the inventory has no LVS tier."""
+    relays = cluster.group("relays")
+    vips = (cluster.vars(relays[0]).get("lvs_vips") or []) if relays else []
+    return vips[0] if vips and cluster.group("lvs") else None
+
+
+def front_door(cluster: Cluster, port: int) -> tuple[str, int]:
+    """Where senders send: the VIP (the LVS tier), else the first relay."""
+    return vip(cluster) or cluster.address(cluster.group("relays")[0]), port
+
+
+def whisper_paths(cluster: Cluster, host: str, under: str = "", newer_than: float | None = None):
+    """Paths of the whisper files on host, relative to its whisper dir: those
+    under `under` (a dir relative to it), modified after `newer_than` (Unix time)
+    if given. Empty when the dir does not exist."""
+    root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir").rstrip("/")
+    newer = f" -newermt @{int(newer_than)}" if newer_than is not None else ""
+    top = f"{root}/{under}".rstrip("/")
+    out = cluster.host(host).run(f"find {top} -name '*.wsp'{newer} -printf '%p\\n' 2>/dev/null")
+    return {line[len(root) + 1 :] for line in out.stdout.splitlines() if line.endswith(".wsp")}
+
+
 def wait_for(predicate, timeout: float, step: float = 0.2):
     """predicate()'s first true value within timeout seconds, else its last value."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from cluster_hosts import setting, wait_for
+from cluster_hosts import setting, vip, wait_for
 
 IDLE = 2000
 SENDERS = 50
@@ -54,18 +54,17 @@ print(json.dumps({"idle_refused": idle_refused, "held": len(held), "still_open":
 
 
 def test_idle_connections_on_the_vip_do_not_refuse_new_senders(cluster):
-    relays = cluster.group("relays")
-    vips = cluster.vars(relays[0]).get("lvs_vips") or []
-    assert vips and cluster.group("lvs"), "this check goes through the directors' VIP"
+    address = vip(cluster)
+    assert address, "this check goes through the directors' VIP"
     storage = cluster.group("storage")
     sender = cluster.host(storage[0])  # a relay carries the VIP on lo
     now = int(sender.check_output("date +%s"))
     prefix = f"molecule.idle.run{now}"
     sender.run(f"cat > {SCRIPT} <<'EOF'\n{IDLE_SCRIPT}\nEOF")
-    done = sender.run(f"python3 {SCRIPT} {vips[0]}:2003 {prefix} {IDLE} {SENDERS} {now}")
+    done = sender.run(f"python3 {SCRIPT} {address}:2003 {prefix} {IDLE} {SENDERS} {now}")
     assert done.rc == 0, done.stderr
     outcome = json.loads(done.stdout)
-    print(f"\n{IDLE} idle connections on {vips[0]}:2003, then {SENDERS} new senders: {outcome}")
+    print(f"\n{IDLE} idle connections on {address}:2003, then {SENDERS} new senders: {outcome}")
     assert outcome["idle_refused"] == 0, outcome
     assert outcome["refused"] == 0, outcome
     # The idle ones were kept open while the new senders came and went.

@@ -33,7 +33,14 @@ import time
 from pathlib import Path
 
 from carbon.util import TaggedSeries
-from cluster_hosts import owners_by_member, setting, tracebacks_since, wait_for
+from cluster_hosts import (
+    front_door,
+    owners_by_member,
+    setting,
+    tracebacks_since,
+    wait_for,
+    whisper_paths,
+)
 from whisper_points import newest_values, points_on_disk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
@@ -50,15 +57,6 @@ NAMES = 10_000
 PATIENCE = 150
 
 
-def door(cluster, port: int) -> tuple[str, int]:
-    """The VIP (the LVS tier), or the first relay where there are no directors."""
-    relay = cluster.group("relays")[0]
-    vips = cluster.vars(relay).get("lvs_vips") or []
-    if vips and cluster.group("lvs"):
-        return vips[0], port
-    return cluster.address(relay), port
-
-
 def send_tcp(address: tuple[str, int], data: bytes) -> None:
     """Write data on one connection and close it the way a careful client does:
     shut down writing, then wait for the other side's close."""
@@ -68,13 +66,6 @@ def send_tcp(address: tuple[str, int], data: bytes) -> None:
         sock.settimeout(30)
         while sock.recv(65536):
             pass
-
-
-def whisper_files(cluster, host: str, top: str) -> set[str]:
-    """Paths of the whisper files under root/top on host, relative to root."""
-    root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-    out = cluster.host(host).run(f"find {root}/{top} -name '*.wsp' -printf '%P\\n' 2>/dev/null")
-    return {f"{top}/{line}" for line in out.stdout.splitlines() if line}
 
 
 def remove_files(cluster, paths_by_host: dict[str, set[str]]) -> None:
@@ -130,11 +121,11 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
         setting(cluster, cluster.group("relays")[0], "statsd_relay", "statsd_relay_stats_interval")
     )
 
-    send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in bad))
-    send_tcp(door(cluster, 2004), struct.pack("!L", len(payload)) + payload)
+    send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in bad))
+    send_tcp(front_door(cluster, 2004), struct.pack("!L", len(payload)) + payload)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         for datagram in statsd:
-            udp.sendto(datagram, door(cluster, 8125))
+            udp.sendto(datagram, front_door(cluster, 8125))
 
     counted = wait_for(
         lambda: (
@@ -152,12 +143,11 @@ def test_lines_carbon_cannot_store_are_dropped_counted_and_never_stored(cluster)
     storage = cluster.group("storage")
     stored = {}
     for host in storage:
-        root = setting(cluster, host, "carbon_storage", "carbon_storage_whisper_dir")
-        out = cluster.host(host).run(
-            f"find {root} -name '*.wsp' -newermt @{stamp - 1} -printf '%P\\n'"
-            f" | grep -E 'bad{stamp}|^_tagged/'"
-        )
-        files = {line for line in out.stdout.splitlines() if line}
+        files = {
+            path
+            for path in whisper_paths(cluster, host, newer_than=stamp - 1)
+            if f"bad{stamp}" in path or path.startswith("_tagged/")
+        }
         if files:
             stored[host] = files
     tracebacks = tracebacks_since(cluster, stamp)
@@ -248,7 +238,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
     def found() -> dict[str, set[str]]:
         where: dict[str, set[str]] = {}
         for host in storage:
-            for path in whisper_files(cluster, host, top) | whisper_files(cluster, host, "_tagged"):
+            for path in whisper_paths(cluster, host, top) | whisper_paths(cluster, host, "_tagged"):
                 if path.startswith(top) or path in expected:
                     where.setdefault(path, set()).add(host)
         return where
@@ -258,7 +248,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
         return all(expected[path] <= now.get(path, set()) for path in expected)
 
     try:
-        send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in lines))
+        send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in lines))
         done = wait_for(complete, PATIENCE / 2, step=5)
         resent = 0
         if not done:
@@ -267,7 +257,7 @@ def test_random_byte_names_are_stored_where_locate_says(cluster, tmp_path):
             now = found()
             missing = [line_of[p] for p in expected if not expected[p] <= now.get(p, set())]
             resent = len(missing)
-            send_tcp(door(cluster, 2003), b"".join(line + b"\n" for line in missing))
+            send_tcp(front_door(cluster, 2003), b"".join(line + b"\n" for line in missing))
             wait_for(complete, PATIENCE, step=5)
         where = found()
         tracebacks = tracebacks_since(cluster, stamp)

@@ -20,7 +20,7 @@ import os
 import time
 
 import pytest
-from cluster_hosts import Cluster, owners_by_member
+from cluster_hosts import Cluster, front_door, owners_by_member, vip, whisper_paths
 
 METRICS = 1000
 
@@ -58,33 +58,26 @@ def deployed(cluster: Cluster, group: str, package: str) -> tuple[bool, str]:
     return True, ""
 
 
-WHISPER_DIR = "/var/lib/graphite/whisper"  # carbon_storage_whisper_dir's default
 RELAY_CONFIG = "/etc/carbon-c-relay.conf"
 CARBONSCALE = "/usr/local/bin/carbonscale"
 
 
-def front_door(cluster: Cluster) -> tuple[str, str]:
+def sender_and_door(cluster: Cluster) -> tuple[str, str]:
     """(host to send from, HOST:PORT to send to): the LVS VIP's line port.
 
     Sent from a storage node: a relay carries the VIP on lo (direct routing)
     and would deliver to itself. Without directors, a relay's line port.
     """
-    relay = cluster.group("relays")[0]
-    vips = cluster.vars(relay).get("lvs_vips") or []
-    if vips and cluster.group("lvs"):
-        return cluster.group("storage")[0], f"{vips[0]}:2003"
-    return relay, f"{cluster.vars(relay)['carbonscale_address']}:2003"
+    address, port = front_door(cluster, 2003)
+    sender = cluster.group("storage" if vip(cluster) else "relays")[0]
+    return sender, f"{address}:{port}"
 
 
 def whisper_names(cluster: Cluster, host: str, prefix: str) -> set[str]:
     """Metric names under prefix that have a whisper file on host."""
-    root = cluster.vars(host).get("carbon_storage_whisper_dir", WHISPER_DIR)
-    top = f"{root}/{prefix.rstrip('.').replace('.', '/')}"
-    found = cluster.host(host).run(f"find {top} -name '*.wsp' -printf '%P\\n' 2>/dev/null")
     return {
-        prefix + line[: -len(".wsp")].replace("/", ".")
-        for line in found.stdout.splitlines()
-        if line.endswith(".wsp")
+        path[: -len(".wsp")].replace("/", ".")
+        for path in whisper_paths(cluster, host, prefix.rstrip(".").replace(".", "/"))
     }
 
 
@@ -103,7 +96,7 @@ def test_metrics_land_where_the_ring_says(cluster, report):
             report.add(f"  {why}")
         pytest.skip("; ".join(missing))
 
-    sender, door = front_door(cluster)
+    sender, door = sender_and_door(cluster)
     relay = cluster.host(cluster.group("relays")[0])
     # A fresh prefix per run, so files of earlier runs prove nothing.
     stamp = relay.run("date +%s%N").stdout.strip()

@@ -16,7 +16,6 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -100,6 +99,31 @@ def _tree_node(driver, text):
     )
 
 
+# A double-click event sent to the element itself. A mouse double-click goes to
+# where the node was when it was found, and the tree moves while branches load:
+# on a loaded machine it once expanded the node above the one meant.
+DOUBLE_CLICK_JS = (
+    "arguments[0].dispatchEvent(new MouseEvent('dblclick', "
+    "{bubbles: true, cancelable: true, view: window}))"
+)
+
+
+def _expand(driver, text):
+    """Expand the tree's branch `text` (ExtJS toggles a branch on a double-click)
+    and wait until it shows as expanded."""
+
+    def expanded(d):
+        node = _tree_node(d, text)
+        row = node.find_element(By.XPATH, "./ancestor::div[contains(@class, 'x-tree-node-el')][1]")
+        return "x-tree-node-expanded" in (row.get_attribute("class") or "")
+
+    # Each wait looks again when the tree re-renders the row under it (stale).
+    wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
+    if not wait.until(lambda d: (expanded(d),))[0]:
+        driver.execute_script(DOUBLE_CLICK_JS, _tree_node(driver, text))
+    wait.until(expanded)
+
+
 def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(browser, query_tier):
     browser.get(query_tier.query_url + "/")
     # "/" is graphite's frameset: a header and the composer in frame "content".
@@ -109,8 +133,7 @@ def test_composer_tree_shows_a_sent_metric_and_clicking_it_draws_the_graph(brows
     browser.switch_to.frame("content")
     try:
         for branch in ("Metrics", "lab", "query"):
-            node = _tree_node(browser, branch)
-            ActionChains(browser).double_click(node).perform()
+            _expand(browser, branch)
         leaf = _tree_node(browser, "probe")
         leaf.click()
         viewer = browser.find_element(By.ID, "image-viewer")

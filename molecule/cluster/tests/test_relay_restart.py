@@ -13,7 +13,7 @@ import json
 import time
 
 import pytest
-from cluster_hosts import Cluster, setting, wait_for
+from cluster_hosts import Cluster, setting, vip, wait_for
 from whisper_points import wait_for_points
 
 pytestmark = pytest.mark.disruptive
@@ -93,17 +93,17 @@ def restart(cluster: Cluster, relay: str) -> str:
 def test_planned_relay_restarts_lose_no_point_and_never_close_the_line_port(cluster):
     relays = cluster.group("relays")
     storage = cluster.group("storage")
-    vips = cluster.vars(relays[0]).get("lvs_vips") or []
-    assert vips and cluster.group("lvs"), "this check sends through the directors' VIP"
+    address = vip(cluster)
+    assert address, "this check sends through the directors' VIP"
     sender = cluster.host(storage[0])  # a relay carries the VIP on lo: send from storage
     stamp = sender.check_output("date +%s%N")
     prefix = f"carbonscale.restart.run{stamp}"
     base = (int(stamp[:10]) // 60 - 1) * 60
-    probes = ",".join([f"{vips[0]}:2003", *(f"{cluster.address(r)}:2003" for r in relays)])
+    probes = ",".join([f"{address}:2003", *(f"{cluster.address(r)}:2003" for r in relays)])
 
     sender.run(f"cat > {SENDER} <<'EOF'\n{SENDER_SCRIPT}\nEOF")
     started = sender.run(
-        f"rm -f {SENDER_OUT}; setsid nohup python3 {SENDER} {vips[0]}:2003 {probes} {prefix} "
+        f"rm -f {SENDER_OUT}; setsid nohup python3 {SENDER} {address}:2003 {probes} {prefix} "
         f"{base} {METRICS} {RATE} {SECONDS} > {SENDER_OUT} 2>&1 < /dev/null &"
     )
     assert started.rc == 0, started.stderr
@@ -128,7 +128,7 @@ def test_planned_relay_restarts_lose_no_point_and_never_close_the_line_port(clus
     wrong = [key for key in expected if key in found and found[key] != expected[key]]
     print(
         f"\nrelay restarts behind the front: {len(restarts)} restarts "
-        f"({'; '.join(restarts)}); {sent} points sent at {RATE}/s through {vips[0]}:2003, "
+        f"({'; '.join(restarts)}); {sent} points sent at {RATE}/s through {address}:2003, "
         f"{len(expected) - len(missing)} on disk, {len(missing)} lost, "
         f"refused connections {outcome['refused']}"
     )

@@ -178,13 +178,16 @@ class Case:
         self._wait_for_carbon(recent_count=20)
 
     def _wait_for_carbon(self, recent_count, timeout=120):
-        """Until every new owner's file holds the points carbon was sent."""
+        """Until every new owner's file holds the points carbon was sent. A file
+        carbon is still creating can read as "corrupt" (its header written, its
+        archives not yet): that is late here, not wrong."""
         deadline = time.monotonic() + timeout
         while True:
             found = {a: read_all(a) for a in (N1, N2)}
             late = [
                 m for m in self.sent for a in self.new_owners[m]
-                if sum(1 for v in found[a].get(m, {}).values() if v < 0) < recent_count
+                if not isinstance(points := found[a].get(m, {}), dict)
+                or sum(1 for v in points.values() if v < 0) < recent_count
             ]  # fmt: skip
             if not late:
                 return

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 from carbonscale.ring import Ring, parse_member, parse_relay_config
 
 PHASES = ("deploy", "copy", "dual", "delta", "cutover", "final", "cleanup")
@@ -181,20 +181,9 @@ class Move:
         return cls(path, data)
 
     def save(self) -> None:
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".move.", dir=parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                json.dump(self.data, out, indent=1, sort_keys=True)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        text = json.dumps(self.data, indent=1, sort_keys=True) + "\n"
+        write_atomically(self.path, text, durable=True)
 
     def archive(self, outcome: str) -> str:
         """Close the move: the state file is renamed beside itself with its

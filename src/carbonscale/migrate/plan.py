@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 from carbonscale.migrate._ringglue import join_lines
 from carbonscale.migrate.transport import DEFAULT_PORT, Client, Listing, decode_listing
 from carbonscale.ring import POSITIONS, Ring, fnv1a_32_batch, fnv1a_64_batch
@@ -503,18 +502,7 @@ def write_plan(plan: Plan, path: str) -> str:
         sort_keys=True,
     ).encode()
     digest = hashlib.sha256(head + b"\n" + body).hexdigest()[:16]
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".plan.", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(f"{PLAN_MAGIC} {digest}\n".encode())
-            out.write(head + b"\n")
-            out.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, [f"{PLAN_MAGIC} {digest}\n".encode(), head + b"\n", body])
     return digest
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from carbonscale import CarbonscaleError
+from carbonscale.atomicfile import write_atomically
 from carbonscale.ops.tree import check_root, metric_names, tree_files
 from carbonscale.ring import Ring
 
@@ -109,9 +110,7 @@ def record_and_rate(path: str, now: float, used: int, window: float) -> float | 
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(samples, handle)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, json.dumps(samples), 0o644)
     except OSError as exc:
         raise CarbonscaleError(f"cannot write du history {path}: {exc.strerror}") from exc
     return rate

@@ -19,6 +19,11 @@ from typing import BinaryIO
 import dpkt
 import numpy as np
 
+try:
+    from carbonscale._hotcount import record_starts
+except ImportError:  # a checkout whose extension was not compiled
+    record_starts = None
+
 # Bytes read per block; a batch holds the records that start in it.
 BLOCK_BYTES = 16 << 20
 _RECORD_HEADER = 16
@@ -72,16 +77,13 @@ def batches(handle: BinaryIO, order: str, divisor: float, skipped) -> Iterator[B
         data = rest + block if rest else block
         at_end = not block
         size = len(data)
-        starts: list[int] = []
-        append = starts.append
-        offset = 0
         last_header = size - _RECORD_HEADER
-        while offset <= last_header:
-            following = offset + _RECORD_HEADER + caplen(data, offset + 8)[0]
-            if following > size:
-                break
-            append(offset + _RECORD_HEADER)
-            offset = following
+        if record_starts is not None:
+            found, offset = record_starts(data, order == ">")
+            starts = np.frombuffer(found, np.int64).tolist()
+        else:
+            starts, offset = _record_starts(data, caplen, size)
+        append = starts.append
         cut_short = None
         if at_end and offset < size:
             if offset <= last_header:  # dpkt reads what there is of the record's data
@@ -105,6 +107,22 @@ def batches(handle: BinaryIO, order: str, divisor: float, skipped) -> Iterator[B
         rest = data[offset:]
         if at_end:
             return
+
+
+def _record_starts(data: bytes, caplen, size: int) -> tuple[list[int], int]:
+    """Where the frames of the records that lie whole in data begin, and the end of
+    the last one (the Python twin of _hotcount.record_starts)."""
+    starts: list[int] = []
+    append = starts.append
+    offset = 0
+    last_header = size - _RECORD_HEADER
+    while offset <= last_header:
+        following = offset + _RECORD_HEADER + caplen(data, offset + 8)[0]
+        if following > size:
+            break
+        append(offset + _RECORD_HEADER)
+        offset = following
+    return starts, offset
 
 
 def _caplens(data: bytes, begins: np.ndarray, order: str) -> np.ndarray:
