@@ -76,7 +76,7 @@ test-quick: venv host-deps base-image
 # cannot carry. The image (scripts/vm-image.sh) is built once into .cache/vm.
 # -s: the ipvsadm tables and the halt journal they print are the evidence.
 test-vm: venv
-	pytest -m vm -s -v -p no:cacheprovider tests/test_vm_*.py
+	pytest -m vm -s -v -p no:cacheprovider --durations=0 --basetemp=.cache/vm/run tests/test_vm_*.py
 
 # Any parts, one after another, timed: make timed-parts PARTS="lint molecule-migrate".
 timed-parts:

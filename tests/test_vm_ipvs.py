@@ -1,60 +1,22 @@
 """IPVS for real: the lvs_director role's keepalived carries packets.
 
-Inside the guest, a bridge lvsbr0 (192.168.77.1/24, the director's side)
-joins three network namespaces: two DR real servers (rs1 .11, rs2 .12) and a
-client (.50). The lvs_director role is applied to the guest over SSH with
-`lvs_engine: ipvs` and lvsbr0 as its VRRP interface: keepalived holds the VIP
-192.168.77.100 and runs the virtual servers (line and pickle TCP wlc with
-TCP_CHECK, statsd UDP rr `ops` with the flap-damped MISC_CHECK). The real
-servers carry the VIP on lo with the lvs_realserver role's ARP settings
-(arp_ignore/arp_announce, values read from the role's defaults: the role
-itself cannot target a network namespace, its VIP unit runs in the guest's
-own) and run tests/vm_realserver_sink.py, which records what arrives.
+The guest (tests/vm_lab.py) runs the lvs_director role with `lvs_engine:
+ipvs`: keepalived holds the VIP on lvsbr0 and runs the virtual servers (line
+and pickle TCP wlc with TCP_CHECK, statsd UDP rr `ops` with the flap-damped
+MISC_CHECK) over two DR real servers in network namespaces, which record
+what reaches them (tests/vm_realserver_sink.py).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-from vm_harness import REPO, VM, build_image, connection_vars, run_playbook
+from vm_harness import VM
+from vm_lab import CLIENT, REAL, VIP
 
 pytestmark = pytest.mark.vm
-
-VIP = "192.168.77.100"
-REAL = {"rs1": "192.168.77.11", "rs2": "192.168.77.12"}
-CLIENT = "192.168.77.50"
-DEFAULTS = yaml.safe_load((REPO / "roles/lvs_realserver/defaults/main.yml").read_text())
-IGNORE = DEFAULTS["lvs_realserver_arp_ignore"]
-ANNOUNCE = DEFAULTS["lvs_realserver_arp_announce"]
-
-NETWORK = f"""
-set -e
-modprobe crc32c_generic
-ip link add lvsbr0 type bridge
-ip address add 192.168.77.1/24 dev lvsbr0
-ip link set lvsbr0 up
-for ns in rs1:11 rs2:12 client:50; do
-  name=${{ns%%:*}} last=${{ns##*:}}
-  ip netns add $name
-  ip link add v-$name type veth peer name eth0 netns $name
-  ip link set v-$name master lvsbr0 up
-  ip -n $name address add 192.168.77.$last/24 dev eth0
-  ip -n $name link set lo up
-  ip -n $name link set eth0 up
-done
-for name in rs1 rs2; do
-  ip netns exec $name sysctl -q -w net.ipv4.conf.all.arp_ignore={IGNORE} \
-    net.ipv4.conf.lo.arp_ignore={IGNORE} net.ipv4.conf.all.arp_announce={ANNOUNCE} \
-    net.ipv4.conf.lo.arp_announce={ANNOUNCE}
-  ip -n $name address add {VIP}/32 dev lo
-  ip netns exec $name setsid python3 /root/sink.py $name /run/sink-$name.log \
-    </dev/null >/run/sink-$name.out 2>&1 &
-done
-"""
 
 CLIENT_SCRIPT = r"""
 import pickle, socket, struct, sys
@@ -73,32 +35,9 @@ for n in range(40):
 """
 
 
-def inventory(vm: VM) -> dict:
-    director = {
-        **connection_vars(vm),
-        "carbonscale_address": "192.168.77.1",
-        "lvs_vips": [VIP],
-        "lvs_engine": "ipvs",
-        "lvs_director_vrrp_interface": "lvsbr0",
-        "lvs_director_real_server_hosts": list(REAL),
-        # Damping fast enough for a test: a suppressed server is reused
-        # after seconds, not minutes.
-        "lvs_director_flap_half_life": 4,
-    }
-    relays = {name: {"carbonscale_address": address} for name, address in REAL.items()}
-    return {"lvs": {"hosts": {"vm-director1": director}}, "relays": {"hosts": relays}}
-
-
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("vm-ipvs")
-    with VM(workdir, build_image()) as machine:
-        seconds = machine.boot()
-        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
-        machine.copy_in(Path(__file__).parent / "vm_realserver_sink.py", "/root/sink.py")
-        machine.ssh(NETWORK)
-        run_playbook(workdir, inventory(machine), "playbooks/lvs.yml")
-        yield machine
+@pytest.fixture
+def vm(director_vm):
+    return director_vm
 
 
 def table(vm: VM) -> dict[str, list[str]]:

@@ -1,15 +1,13 @@
 """A real write-back dm-cache under whisper, flushed by a real poweroff.
 
-The guest has two more virtio disks: vdb the "disk" and vdc the "SSD". The
-test provisions LVM on them (what a node's installer does, not a role: a
-volume group, the whisper LV on the disk, a cache pool on the SSD, a
-filesystem), then applies the storage tier's playbook (carbon_storage,
-carbonscale and ssd_cache with ssd_cache_backend lvmcache) over SSH. carbon
-writes whisper through the cache until it holds dirty blocks; `systemctl
-poweroff` halts the guest; the next boot's journal of the halted boot must
-show carbon stopped, whisper unmounted, the cache flushed to zero dirty blocks
-and split off, in that order, and every point written before the halt must
-read back from the whisper files.
+The guest (tests/vm_lab.py) runs the storage tier's playbook (carbon_storage,
+carbonscale and ssd_cache with ssd_cache_backend lvmcache) over LVM on two
+virtio disks, the "disk" and the "SSD". carbon writes whisper through the
+cache until it holds dirty blocks; `systemctl poweroff` halts the guest; the
+next boot's journal of the halted boot must show carbon stopped, whisper
+unmounted, the cache flushed to zero dirty blocks and split off, in that
+order, and every point written before the halt must read back from the
+whisper files.
 
 The hanging-flush path (timeout) stays with the fakes (tests/test_cache.py,
 molecule/ssd_cache): a real dm-cache cannot be made to hang on purpose.
@@ -21,45 +19,14 @@ import json
 import time
 
 import pytest
-from vm_harness import VM, build_image, connection_vars, run_playbook
+from vm_harness import VM
+from vm_lab import LINE_PORT, WHISPER
 
 pytestmark = pytest.mark.vm
 
-WHISPER = "/var/lib/graphite/whisper"
 CARBONSCALE = "/opt/carbonscale/venv/bin/carbonscale"
 CONFIG = "/etc/carbonscale/ssd-cache.json"
-LINE_PORT = 2103
 METRICS = [f"vmtest.cache.m{n:02d}" for n in range(24)]
-# Provisioning: 512 MiB disk, 128 MiB SSD, a 64 MiB cache pool (1,024 chunks of 64 KiB).
-PROVISION = """
-set -e
-pvcreate -q /dev/vdb /dev/vdc
-vgcreate -q whisper /dev/vdb /dev/vdc
-lvcreate -q -y -n data -L 448M whisper /dev/vdb
-lvcreate -q -y --type cache-pool -n data_cache -L 64M whisper /dev/vdc
-mkfs.xfs -q /dev/whisper/data
-"""
-
-
-def inventory(vm: VM) -> dict:
-    host = {
-        **connection_vars(vm),
-        # qemu's user network gives the guest 10.0.2.15.
-        "carbonscale_address": "10.0.2.15",
-        "carbon_instances": [
-            {"name": "a", "line_port": LINE_PORT, "pickle_port": 2104, "query_port": 7102}
-        ],
-        "carbon_storage_whisper_device": "/dev/whisper/data",
-        "carbon_storage_whisper_fstype": "xfs",
-        "ssd_cache_enabled": True,
-        "ssd_cache_backend": "lvmcache",
-        "ssd_cache_lvmcache_vg": "whisper",
-        "ssd_cache_lvmcache_lv": "data",
-        "ssd_cache_lvmcache_cachepool": "data_cache",
-        "ssd_cache_halt_timeout": 300,
-        "ssd_cache_poll_interval": 1,
-    }
-    return {"storage": {"hosts": {"vm-storage1": host}}}
 
 
 def send(vm: VM, points: dict[str, list[tuple[int, float]]]) -> None:
@@ -87,7 +54,6 @@ print(json.dumps(out))
 
 
 def read_points(vm: VM) -> dict[str, dict[int, float] | None]:
-    vm.ssh("cat > /root/read_points.py", input=READ)
     text = vm.ssh(f"python3 /root/read_points.py {WHISPER}", input=json.dumps(METRICS)).stdout
     data = json.loads(text)
     return {k: (None if v is None else {int(t): val for t, val in v}) for k, v in data.items()}
@@ -104,18 +70,13 @@ def position(journal: list[str], needle: str) -> int:
     raise AssertionError(f"{needle!r} is not in the halted boot's journal:\n" + "\n".join(journal))
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("vm-ssd-cache")
-    with VM(workdir, build_image(), extra_disks={"disk": "512M", "ssd": "128M"}) as machine:
-        seconds = machine.boot()
-        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel})")
-        machine.ssh(PROVISION)
-        run_playbook(workdir, inventory(machine), "playbooks/storage.yml")
-        yield machine
+@pytest.fixture
+def vm(storage_vm):
+    return storage_vm
 
 
 def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
+    vm.ssh("cat > /root/read_points.py", input=READ)
     state = cache_state(vm)
     assert state["present"] is True, state
     lvs = vm.out("lvs -o lv_name,segtype,cache_mode,cache_policy whisper/data --noheadings")
