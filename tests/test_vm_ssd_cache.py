@@ -117,7 +117,8 @@ def test_whisper_through_a_dirty_write_back_cache_survives_a_real_poweroff(vm):
     since = vm.out("date '+%Y-%m-%d %H:%M:%S'").strip()
     seconds = vm.poweroff()
     print(f"poweroff with {dirty} dirty blocks took {seconds:.1f} s")
-    vm.boot()
+    seconds = vm.boot()
+    print(f"the next boot reached sshd in {seconds:.1f} s, {vm.boot_cpu:.1f} s of host CPU")
     journal = vm.out(
         "journalctl -b -1 -o short-monotonic --no-pager "
         "-u carbonscale-ssd-cache-halt.service -u 'carbon-cache@*' "

@@ -146,7 +146,10 @@ def booted_vm(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("vm")
     with VM(workdir, build_image(), extra_disks=DISKS) as machine:
         seconds = machine.boot()
-        print(f"\nVM booted to sshd in {seconds:.1f} s ({machine.accel}); work files in {workdir}")
+        print(
+            f"\nVM booted to sshd in {seconds:.1f} s, {machine.boot_cpu:.1f} s of host CPU"
+            f" ({machine.accel}); work files in {workdir}"
+        )
         machine.ssh(PREPARE)
         yield machine
 
@@ -156,7 +159,9 @@ def storage_vm(booted_vm):
     """The guest with LVM on its two extra disks and the storage tier applied."""
     vm = booted_vm
     vm.ssh("set -e\n" + PROVISION)
+    cpu = vm.cpu_seconds()
     run_playbook(vm.workdir, storage_inventory(vm), ["playbooks/storage.yml"])
+    print(f"the storage playbook cost {vm.cpu_seconds() - cpu:.0f} s of the guest's CPU")
     return vm
 
 
@@ -169,5 +174,7 @@ def director_vm(booted_vm):
         input=(Path(__file__).parent / "vm_realserver_sink.py").read_text(),
     )
     vm.ssh("set -e\n" + NETWORK)
+    cpu = vm.cpu_seconds()
     run_playbook(vm.workdir, director_inventory(vm), ["playbooks/lvs.yml"])
+    print(f"the director playbook cost {vm.cpu_seconds() - cpu:.0f} s of the guest's CPU")
     return vm
