@@ -82,12 +82,19 @@ mkfs.xfs -q /dev/whisper/data
 """
 
 # The image carries every package the roles install (scripts/vm-image.sh),
-# so their apt tasks find them present: the stamp tells apt's cache_valid_time
-# the lists are fresh, instead of an apt-get update in the emulated guest
-# (minutes). The carbonscale venv has the package's dependencies (image), so
-# the role's pip needs no index.
+# so their apt tasks find them present. The stamp tells apt's
+# cache_valid_time the lists are fresh (no apt-get update in the emulated
+# guest, minutes), and the guest's apt forgets the archive's package lists:
+# it then knows the ~900 installed packages instead of ~64,000, and opening
+# its cache, which every apt task does, takes a tenth of the time (0.11 s of
+# CPU instead of 1.2 s natively; tens of seconds under TCG). A package a role
+# wants that the image lacks fails the task by name instead of installing.
+# The carbonscale venv has the package's dependencies (image), so the role's
+# pip needs no index.
 PREPARE = """
 mkdir -p /var/lib/apt/periodic
+find /var/lib/apt/lists -maxdepth 1 -type f ! -name lock -delete
+rm -f /var/cache/apt/pkgcache.bin /var/cache/apt/srcpkgcache.bin
 touch /var/lib/apt/periodic/update-success-stamp
 """
 
