@@ -13,7 +13,7 @@ export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 SCENARIOS ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
 
 .PHONY: preflight venv host-deps docker base-image lint unit molecule test test-quick timed-parts lab lab-destroy lab-expand lab-shrink \
-	bench clean
+	bench clean test-vm
 
 # Before anything is installed: is Docker possible, is there disk space.
 preflight:
@@ -70,6 +70,13 @@ test: preflight venv host-deps base-image
 
 test-quick: venv host-deps base-image
 	@scripts/timed-parts.sh lint unit
+
+# The kernel tests (tests/test_vm_*.py, marker vm): IPVS and a write-back
+# dm-cache in a Debian 12 VM under qemu, which the containers' shared kernel
+# cannot carry. The image (scripts/vm-image.sh) is built once into .cache/vm.
+# -s: the ipvsadm tables and the halt journal they print are the evidence.
+test-vm: venv
+	pytest -m vm -s -v -p no:cacheprovider --durations=0 --basetemp=.cache/vm/run tests/test_vm_*.py
 
 # Any parts, one after another, timed: make timed-parts PARTS="lint molecule-migrate".
 timed-parts:
