@@ -195,9 +195,12 @@ value = {VALUE}
 prefix, root = sys.argv[1], sys.argv[2]
 task = json.load(sys.stdin)
 top = os.path.join(root, *prefix.split("."))
-held = []
+held, leftovers = [], []
 for group in os.listdir(top) if os.path.isdir(top) else []:
     for name in os.listdir(os.path.join(top, group)):
+        if name.startswith("."):  # a fill's temporary file, left by the killed sync
+            leftovers.append(os.path.join(group, name))
+            continue
         held.append(int(name[1:-4]))
 missing, wrong, checked = [], [], 0
 now = int(time.time())
@@ -214,8 +217,9 @@ for i in task["owned"]:
             missing.append([i, t])
         elif found[t] != value(i, t):
             wrong.append([i, t, found[t]])
-print(json.dumps({{"held": sorted(held), "missing": missing[:20], "missing_count": len(missing),
-                  "wrong": wrong[:20], "wrong_count": len(wrong), "checked": checked}}))
+print(json.dumps({{"held": sorted(held), "leftovers": leftovers, "missing": missing[:20],
+                  "missing_count": len(missing), "wrong": wrong[:20], "wrong_count": len(wrong),
+                  "checked": checked}}))
 """
 
 
@@ -441,6 +445,7 @@ class Run:
         deadline = time.monotonic() + wait
         while True:
             report = {"missing": 0, "wrong": 0, "checked": 0, "strays": 0, "examples": []}
+            report["leftovers"] = []
             for address, host in self.by_address.items():
                 owned = [self.index[n] for n, o in owners.items() if address in o]
                 task = {"owned": owned, "slots": slots}
@@ -448,6 +453,7 @@ class Run:
                                           WHISPER, stdin=json.dumps(task)))  # fmt: skip
                 strays = sorted(set(found["held"]) - set(owned))
                 report["strays"] += len(strays)
+                report["leftovers"] += [f"{host}:{path}" for path in found["leftovers"]]
                 report["missing"] += found["missing_count"]
                 report["wrong"] += found["wrong_count"]
                 report["checked"] += found["checked"]
@@ -589,7 +595,9 @@ def test_expand_then_decommission_under_traffic_lose_no_point_and_leave_no_copy(
         f"{report['checked']} points checked on their owners: "
         f"{report['checked'] - report['missing'] - report['wrong']} found, "
         f"{report['missing']} lost, {report['wrong']} wrong; {report['strays']} files on "
-        f"non-owners; slots sent again after a failed connection: {len(run.retries)}",
+        f"non-owners; slots sent again after a failed connection: {len(run.retries)}; "
+        f"temporary files the killed sync left: {len(report['leftovers'])} "
+        f"{report['leftovers'][:3]}",
     )
     lines.append(
         f"graphs: {holes.renders} renders of {holes.series} series through {query} every "
