@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
